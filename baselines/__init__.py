@@ -1,0 +1,3 @@
+"""Baselines every method is compared against; importing the package registers them."""
+
+from . import full, uniform  # noqa: F401

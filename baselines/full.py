@@ -1,0 +1,9 @@
+"""The full-data baseline: every training example, every epoch (the hooks' defaults)."""
+
+from benchmarks.hooks import Method
+from benchmarks.registry import register
+
+
+@register("full")
+class Full(Method):
+    """Train on the whole training set under the protocol."""

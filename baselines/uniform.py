@@ -1,0 +1,47 @@
+"""Uniform random subsets: one static subset for the whole run, or a fresh one every epoch."""
+
+from __future__ import annotations
+
+from benchmarks.hooks import EpochPlan, Method
+from benchmarks.registry import Param, register
+from benchmarks.subsets import class_balanced_random_subset, random_subset, subset_size
+
+FRACTION = Param(0.5, "share of the training set kept", low=0.0, high=1.0, low_open=True)
+
+
+@register("uniform")
+class Uniform(Method):
+    """A static random subset of round(fraction * N) examples, drawn once from the run's seed."""
+
+    params = {"fraction": FRACTION,
+              "class_balanced": Param(False, "keep each class's share of the training set")}
+
+    def prepare(self, ctx) -> None:
+        labels = ctx.data.train.labels
+        k = subset_size(len(labels), self.hparams["fraction"])
+        generator = ctx.generator("uniform-subset")
+        if self.hparams["class_balanced"]:
+            self.subset = class_balanced_random_subset(labels, k, generator)
+        else:
+            self.subset = random_subset(len(labels), k, generator)
+
+    def plan_epoch(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.subset)
+
+    def state_dict(self) -> dict:
+        return {"subset": self.subset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.subset = state["subset"]
+
+
+@register("uniform-epoch")
+class UniformEpoch(Method):
+    """A fresh random subset of round(fraction * N) examples every epoch."""
+
+    params = {"fraction": FRACTION}
+
+    def plan_epoch(self, epoch: int) -> EpochPlan:
+        n = self.ctx.num_train
+        return EpochPlan(random_subset(n, subset_size(n, self.hparams["fraction"]),
+                                       self.ctx.generator("uniform-epoch", epoch)))

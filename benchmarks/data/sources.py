@@ -1,0 +1,135 @@
+"""Readers for the real on-disk formats: IDX (MNIST family), CIFAR python pickles, ImageFolder trees."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BenchError
+
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_IDX_NAMES = {
+    "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def has_idx_files(folder: Path) -> bool:
+    return all(_idx_path(folder, stem) for stem in _IDX_NAMES.values())
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's format: magic with dtype code and rank, big-endian dims, then the data)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise BenchError(f"{path}: not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(dims)):
+        raise BenchError(f"{path}: truncated IDX file ({array.size} bytes for shape {dims})")
+    return array.reshape(dims)
+
+
+def read_fashion_mnist(folder: Path) -> dict:
+    arrays = {key: read_idx(_idx_path(folder, stem)) for key, stem in _IDX_NAMES.items()}
+    return {
+        "train_x": torch.from_numpy(arrays["train_x"].copy()).unsqueeze(1),
+        "train_y": torch.from_numpy(arrays["train_y"].astype(np.int64)),
+        "test_x": torch.from_numpy(arrays["test_x"].copy()).unsqueeze(1),
+        "test_y": torch.from_numpy(arrays["test_y"].astype(np.int64)),
+    }
+
+
+def _read_cifar_pickles(paths: list[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for path in paths:
+        if not path.is_file():
+            raise BenchError(f"CIFAR file missing: {path}")
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def read_cifar(folder: Path, name: str) -> dict:
+    """torchvision's on-disk CIFAR: pickled dicts with b'data' (N x 3072 uint8, CHW) and labels."""
+    if name == "cifar10":
+        train = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        test, key = [folder / "test_batch"], b"labels"
+    else:
+        train, test, key = [folder / "train"], [folder / "test"], b"fine_labels"
+    train_x, train_y = _read_cifar_pickles(train, key)
+    test_x, test_y = _read_cifar_pickles(test, key)
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+def make_synthetic(n_train: int = 1024, n_test: int = 512, num_classes: int = 4, size: int = 8,
+                   channels: int = 1, noise: float = 60.0) -> tuple[dict, int]:
+    """A fixed, learnable image dataset: one random prototype per class plus pixel noise.
+
+    Generated from a fixed seed so every run and method sees the same data.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    prototypes = torch.rand(num_classes, channels, size, size, generator=generator) * 255
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, num_classes, (n,), generator=generator)
+        pixels = prototypes[labels] + noise * torch.randn(n, channels, size, size, generator=generator)
+        return pixels.clamp(0, 255).round().to(torch.uint8), labels
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, num_classes
+
+
+def read_imagefolder(folder: Path, kwargs: dict):
+    """ImageNet-style tree: folder/train/<class>/<image>, folder/val/<class>/<image>."""
+    import torchvision
+    from torchvision import transforms as T
+
+    from .splits import StreamingSplit
+
+    size = int(kwargs.get("image_size", 224))
+    resize = int(kwargs.get("resize", round(size * 256 / 224)))
+    workers = int(kwargs.get("num_workers", min(8, os.cpu_count() or 1)))
+    normalize = T.Normalize(*IMAGENET_STATS)
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
+    splits = []
+    for name in ("train", "val"):
+        dataset = torchvision.datasets.ImageFolder(str(folder / name))
+        labels = torch.tensor(dataset.targets, dtype=torch.int64)
+        splits.append(StreamingSplit(dataset, labels, train_tf, eval_tf, (3, size, size), workers))
+    return splits
+
+
+def download_torchvision(class_name: str, root: Path) -> None:
+    import torchvision
+
+    root.mkdir(parents=True, exist_ok=True)
+    getattr(torchvision.datasets, class_name)(str(root), train=True, download=True)
+    getattr(torchvision.datasets, class_name)(str(root), train=False, download=True)

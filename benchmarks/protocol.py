@@ -1,0 +1,182 @@
+"""Fixed training protocols, stored as data (one TOML file each in benchmarks/protocols/).
+
+A protocol is flat on purpose: every key can be overridden from the command line with
+`--set key=value`, and the override is recorded in the run record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import BenchError
+
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+
+BUDGETS = ("epochs", "iterations")
+OPTIMIZERS = ("sgd", "adamw", "lars")
+SCHEDULES = ("constant", "multistep", "onecycle", "linear", "cosine")
+AUGMENTATIONS = ("crop", "flip")
+SELECTION_RULES = ("last-epoch", "best-val-worst-group")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    dataset: str
+    model: str
+    epochs: int
+    batch_size: int
+    budget: str  # "epochs": a subset gets fewer steps; "iterations": it keeps the full-data step count
+    optimizer: str
+    lr: float
+    schedule: str
+    description: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+    data_kwargs: dict = field(default_factory=dict)
+    train_subset: int = 0  # 0 = the whole training split; N = a fixed random N examples (quick runs)
+    eval_batch_size: int = 1024
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    milestones: list = field(default_factory=list)  # epochs at which "multistep" multiplies lr by gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    onecycle_pct_start: float = 0.25
+    label_smoothing: float = 0.0
+    augment: list = field(default_factory=list)
+    crop_padding: int = 4
+    amp: bool = False  # mixed precision, used only on CUDA
+    eval_every: int = 1
+    selection_rule: str = "last-epoch"
+    seeds: list = field(default_factory=lambda: [0])
+
+    def replace(self, **changes: Any) -> Protocol:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Protocol)}
+_TYPES = get_type_hints(Protocol)
+_REQUIRED = [f.name for f in dataclasses.fields(Protocol)
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def _check_type(key: str, value: Any, where: str) -> Any:
+    expected = _TYPES[key]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise BenchError(f"{where}: key '{key}' must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _check_values(p: Protocol, where: str) -> None:
+    def bad(key: str, why: str) -> BenchError:
+        return BenchError(f"{where}: key '{key}' {why}, got {getattr(p, key)!r}")
+
+    if p.epochs < 1:
+        raise bad("epochs", "must be >= 1")
+    if p.batch_size < 1:
+        raise bad("batch_size", "must be >= 1")
+    if p.eval_batch_size < 1:
+        raise bad("eval_batch_size", "must be >= 1")
+    if p.budget not in BUDGETS:
+        raise bad("budget", f"must be one of {BUDGETS}")
+    if p.optimizer not in OPTIMIZERS:
+        raise bad("optimizer", f"must be one of {OPTIMIZERS}")
+    if p.schedule not in SCHEDULES:
+        raise bad("schedule", f"must be one of {SCHEDULES}")
+    if not p.lr > 0:
+        raise bad("lr", "must be > 0")
+    if not 0 <= p.label_smoothing < 1:
+        raise bad("label_smoothing", "must be in [0, 1)")
+    if p.train_subset < 0:
+        raise bad("train_subset", "must be >= 0")
+    if p.eval_every < 1:
+        raise bad("eval_every", "must be >= 1")
+    if not 0 < p.onecycle_pct_start < 1:
+        raise bad("onecycle_pct_start", "must be in (0, 1)")
+    unknown_aug = [a for a in p.augment if a not in AUGMENTATIONS]
+    if unknown_aug:
+        raise bad("augment", f"may hold only {AUGMENTATIONS}")
+    if p.selection_rule not in SELECTION_RULES:
+        raise bad("selection_rule", f"must be one of {SELECTION_RULES}")
+    if not p.seeds or not all(isinstance(s, int) for s in p.seeds):
+        raise bad("seeds", "must be a non-empty list of integers")
+
+
+def protocol_from_dict(data: dict, where: str) -> Protocol:
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise BenchError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(_FIELDS))})")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise BenchError(f"{where}: missing key '{missing[0]}'")
+    checked = {k: _check_type(k, v, where) for k, v in data.items()}
+    protocol = Protocol(**checked)
+    _check_values(protocol, where)
+    return protocol
+
+
+def available_protocols() -> list[str]:
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
+
+
+def protocol_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" and candidate.exists():
+        return candidate
+    builtin = PROTOCOL_DIR / f"{name_or_path}.toml"
+    if builtin.exists():
+        return builtin
+    raise BenchError(f"unknown protocol '{name_or_path}' (available: {', '.join(available_protocols())})")
+
+
+def load_protocol(name_or_path: str) -> Protocol:
+    path = protocol_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"{path}: not valid TOML: {exc}") from None
+    return protocol_from_dict(data, str(path))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value in TOML syntax (5, 0.1, true, [60, 120]); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignments(items: list[str], what: str) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"{what} '{item}' must look like key=value")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def apply_overrides(protocol: Protocol, overrides: dict[str, Any]) -> Protocol:
+    if not overrides:
+        return protocol
+    data = protocol.as_dict()
+    for key in overrides:
+        if key not in _FIELDS:
+            raise BenchError(f"--set: unknown protocol key '{key}' (known keys: {', '.join(sorted(_FIELDS))})")
+    data.update(overrides)
+    return protocol_from_dict(data, f"protocol '{protocol.name}' with --set {overrides}")

@@ -1,0 +1,34 @@
+"""Subset arithmetic shared by static-selection methods: sizes, class quotas, seeded sampling."""
+
+from __future__ import annotations
+
+import torch
+
+
+def subset_size(n: int, fraction: float) -> int:
+    """round(fraction * n), at least 1: the number of examples a static subset keeps."""
+    return max(1, min(n, round(fraction * n)))
+
+
+def class_quotas(labels: torch.Tensor, k: int) -> dict[int, int]:
+    """Per-class counts proportional to class sizes that sum to exactly k (largest remainders)."""
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * k / len(labels)
+    quota = exact.floor().long()
+    remainder = k - int(quota.sum())
+    order = torch.argsort(exact - quota, descending=True, stable=True)
+    quota[order[:remainder]] += 1
+    return {int(c): int(q) for c, q in zip(classes, quota)}
+
+
+def random_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=generator)[:k].sort().values
+
+
+def class_balanced_random_subset(labels: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k examples, each class represented in proportion to its size, uniform within a class."""
+    chosen = []
+    for cls, quota in class_quotas(labels, k).items():
+        members = (labels == cls).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    return torch.cat(chosen).sort().values

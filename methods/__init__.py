@@ -1,0 +1,1 @@
+"""Data-efficiency methods, one module each; importing the package registers them."""
