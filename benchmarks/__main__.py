@@ -49,11 +49,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Every method (default: all registered) at its default settings, for each seed, then the table."""
+    import time
+
+    from .protocol import load_protocol, parse_assignments
+    from .registry import list_methods, method_class
+    from .run import RunSpec, execute
+
+    protocol = load_protocol(args.protocol)
+    overrides = parse_assignments(args.set, "--set")
+    if args.quick:  # a tenth of the epochs: a check that everything runs, not a result
+        overrides.setdefault("epochs", max(1, protocol.epochs // 10))
+    methods = args.methods.split(",") if args.methods else list(list_methods())
+    for name in methods:
+        method_class(name)  # unknown names fail before anything runs
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else protocol.seeds[:1]
+    specs = [RunSpec(protocol=args.protocol, method=m, seed=s, overrides=overrides) for s in seeds for m in methods]
+    started, failed = time.perf_counter(), []
+    for i, spec in enumerate(specs, 1):
+        print(f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}", flush=True)
+        try:
+            execute(spec, args.out, data_root=args.data_root, device=args.device)
+        except BenchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the failed record holds the traceback; go on
+            failed.append(f"{spec.method} seed {spec.seed}: {type(exc).__name__}: {exc}")
+            print(f"  failed: {failed[-1]}", flush=True)
+    print(f"bench wall-clock: {time.perf_counter() - started:.0f} s for {len(specs)} runs")
+    status = _print_tables(args.out, None)
+    for line in failed:
+        print(f"FAILED {line}")
+    return 1 if failed else status
+
+
 def _cmd_tables(args: argparse.Namespace) -> int:
+    return _print_tables(args.runs, args.out)
+
+
+def _print_tables(results: str, tables_out: str | None) -> int:
     from .record import runs_dir
     from .report import build_tables, write_tables
 
-    folder = runs_dir(args.runs)
+    folder = runs_dir(results)
     tables, problems = build_tables(folder)
     for problem in problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
@@ -62,8 +100,8 @@ def _cmd_tables(args: argparse.Namespace) -> int:
         return 1
     for text in tables.values():
         print(text)
-    if args.out:
-        for path in write_tables(folder, args.out):
+    if tables_out:
+        for path in write_tables(folder, tables_out):
             print(f"wrote {path}")
     return 0
 
@@ -91,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--force", action="store_true", help="rerun even if a complete record exists")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="run every method at its defaults on a protocol, then print the table")
+    p.add_argument("--protocol", required=True)
+    p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    p.add_argument("--seeds", default=None, help="comma-separated (default: the protocol's first seed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override")
+    p.add_argument("--quick", action="store_true", help="a tenth of the protocol's epochs (a check, not a result)")
+    p.add_argument("--out", default="results")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tables", help="Markdown tables per protocol from the run records")
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")

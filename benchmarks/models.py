@@ -28,7 +28,7 @@ def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 class ConvNet(nn.Module):
     """Stages of conv-BN-ReLU blocks, each stage but the last followed by 2x2 max-pooling; GAP; linear."""
 
-    def __init__(self, in_chans: int, num_classes: int, widths: list[list[int]]):
+    def __init__(self, in_chans: int, num_classes: int, widths: list[list[int]], pool_to: int = 1):
         super().__init__()
         layers, c = [], in_chans
         for i, stage in enumerate(widths):
@@ -37,15 +37,18 @@ class ConvNet(nn.Module):
                 c = width
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
+        # pool_to > 1 keeps a coarse spatial grid before the classifier: global average pooling
+        # alone throws away where things are, which small nets on 28x28 inputs cannot afford.
+        layers.append(nn.AdaptiveAvgPool2d(pool_to))
         self.features = nn.Sequential(*layers)
-        self.num_features = c
-        self.head = nn.Linear(c, num_classes)
+        self.num_features = c * pool_to * pool_to
+        self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))
+        x = x.flatten(1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,9 +62,9 @@ def tiny_cnn(in_chans: int, num_classes: int) -> nn.Module:
 
 
 @register_model
-def small_cnn(in_chans: int, num_classes: int, width: int = 32) -> nn.Module:
-    """About 100k-300k parameters: the Fashion-MNIST CPU-scale protocol."""
-    return ConvNet(in_chans, num_classes, [[width], [2 * width], [4 * width]])
+def small_cnn(in_chans: int, num_classes: int, width: int = 32, pool_to: int = 3) -> nn.Module:
+    """About 100k parameters: the Fashion-MNIST CPU-scale protocol."""
+    return ConvNet(in_chans, num_classes, [[width], [2 * width], [4 * width]], pool_to=pool_to)
 
 
 @register_model

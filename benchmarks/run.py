@@ -94,13 +94,36 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+class RunLogger:
+    """Receives a run's progress as it happens (W&B, for one). A logger that raises only warns:
+    the local record is the source of truth and is written whatever the loggers do."""
+
+    def start(self, info: dict) -> None:
+        pass
+
+    def log_epoch(self, entry: dict, full_flops: int) -> None:
+        pass
+
+    def finish(self, record: dict) -> None:
+        pass
+
+
+def _call_loggers(loggers: list[RunLogger], hook: str, *args, log=print) -> None:
+    for logger in loggers:
+        try:
+            getattr(logger, hook)(*args)
+        except Exception as exc:  # noqa: BLE001 - a logging failure must never stop training
+            log(f"warning: {type(logger).__name__}.{hook} failed ({type(exc).__name__}: {exc}); "
+                "training goes on, the local record is still written")
+
+
 def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None = None,
             device: str | None = None, progress: bool | None = None, force: bool = False,
-            log=print) -> dict:
+            log=print, loggers: list[RunLogger] = (), group: str | None = None) -> dict:
     """Run (or skip, if its complete record exists) one run and return its record.
 
     Bad input raises BenchError before anything is written. Once training starts, any error ends
-    in a record with status "failed" and the error, then re-raises.
+    in a record with status "failed" and the error, then re-raises. `group` names the sweep.
     """
     protocol, params = spec.resolved()
     rid = run_id(spec.protocol, spec.method, params, spec.seed, spec.overrides)
@@ -112,7 +135,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
     progress = sys.stderr.isatty() if progress is None else progress
     base = {"schema": SCHEMA, "run_id": rid, "protocol": protocol.name, "method": spec.method,
             "params": params, "seed": spec.seed, "overrides": spec.overrides, "budget": protocol.budget,
-            "resolved_protocol": protocol.as_dict(), "env": environment(dev)}
+            "group": group, "resolved_protocol": protocol.as_dict(), "env": environment(dev)}
     started = time.perf_counter()
     ckpt_path = checkpoint_path(out, rid)
     trainer = None
@@ -123,7 +146,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
         if data.val is not None:
             data.val = data.val.to(dev)
         ctx = RunContext(protocol=protocol, data=data, device=dev, meter=ComputeMeter(0), seed=spec.seed,
-                         log=log, progress=progress)
+                         log=log, progress=progress, cache_dir=Path(out) / "cache")
         model = ctx.new_model("main")
         ctx.meter.forward_flops = forward_flops_per_example(model, data.input_shape, dev)
         method = create_method(spec.method, **params)
@@ -138,20 +161,24 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
         log(f"run {rid}: {protocol.name} / {spec.method} {params} seed {spec.seed} on {dev}"
             + (f" (resumed at epoch {trainer.state.epoch})" if resumed else ""))
 
-        def checkpoint(t: Trainer) -> None:
-            _save_checkpoint(ckpt_path, {"meter": ctx.meter.state_dict(), "trainer": t.state_dict()})
-
-        trainer.fit(on_epoch_end=checkpoint)
         n_train = len(data.train)
+        full_flops = full_data_flops(ctx.meter.forward_flops, n_train, protocol.epochs)
+        _call_loggers(loggers, "start", dict(base, n_train=n_train, resumed_at_epoch=trainer.state.epoch), log=log)
+
+        def end_of_epoch(t: Trainer) -> None:
+            _save_checkpoint(ckpt_path, {"meter": ctx.meter.state_dict(), "trainer": t.state_dict()})
+            _call_loggers(loggers, "log_epoch", t.state.curve[-1], full_flops, log=log)
+
+        trainer.fit(on_epoch_end=end_of_epoch)
         record = dict(base, status="complete",
                       metrics=final_metrics(trainer.state.curve, protocol.selection_rule),
-                      compute=compute_summary(ctx.meter, full_data_flops(ctx.meter.forward_flops, n_train,
-                                                                         protocol.epochs)),
+                      compute=compute_summary(ctx.meter, full_flops),
                       wall_clock_s=round(time.perf_counter() - started, 3),
                       train_seconds=round(trainer.state.seconds, 3),
                       n_train=n_train, curve=trainer.state.curve, method_stats=method.summary(), error=None)
         write_record(path, record)
         ckpt_path.unlink(missing_ok=True)
+        _call_loggers(loggers, "finish", record, log=log)
         return record
     except Exception as exc:
         record = dict(base, status="failed", metrics={}, compute=None,
@@ -160,6 +187,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
                       error=f"{type(exc).__name__}: {exc}",
                       traceback=None if isinstance(exc, BenchError) else traceback.format_exc())
         write_record(path, record)
+        _call_loggers(loggers, "finish", record, log=log)
         raise
 
 

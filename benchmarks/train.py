@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ class RunContext:
     seed: int
     log: Callable[[str], None] = print
     progress: bool = False
+    cache_dir: Path | None = None  # where methods may cache expensive artefacts (scores), shared by runs
 
     @property
     def num_train(self) -> int:
@@ -172,8 +174,10 @@ class Trainer:
         model.train()
         loss_sum = torch.zeros((), device=ctx.device)
         seen = 0
+        lr = lr_at(protocol, epoch, self.epochs)
         for i, batch in enumerate(batches):
-            set_lr(self.optimizer, lr_at(protocol, epoch + i / steps_this_epoch, self.epochs))
+            lr = lr_at(protocol, epoch + i / steps_this_epoch, self.epochs)
+            set_lr(self.optimizer, lr)
             if self.selects:
                 batch = self._select(batch)
             loss = self._step(batch, epoch)
@@ -192,7 +196,7 @@ class Trainer:
         self.state.epoch = epoch + 1
         entry = {"epoch": epoch + 1, "step": self.state.step, "flops": ctx.meter.total,
                  "seconds": round(self.state.seconds, 3), "train_loss": train_loss, "examples": seen,
-                 "lr": lr_at(protocol, epoch + 1, self.epochs)}
+                 "lr": lr}  # the last step's learning rate, as used
         entry.update(plan.info or {})
         entry.update(self.method.epoch_info(epoch))
         if self.evaluate and ((epoch + 1) % protocol.eval_every == 0 or epoch + 1 == self.epochs):

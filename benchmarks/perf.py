@@ -1,0 +1,180 @@
+"""Speed ratios, each measured side by side in one process on this machine (`nox -s perf`).
+
+- harness_step_over_bare: the harness's training step time over a bare PyTorch loop (same model,
+  batch, in-memory data, same per-batch uint8 -> float conversion; no augmentation in either).
+  Goal <= 1.05.
+- pipeline_over_dataloader: the harness's input pipeline (uint8 tensors, batched crop + flip on the
+  device) over torchvision's DataLoader with PIL transforms (2 workers), images per second.
+  Goal >= 3.
+- infobatch_epoch_over_uniform_epoch: InfoBatch's training seconds per visited example over
+  uniform-epoch's at the same visited share. Goal <= 1.02.
+
+Repeats alternate the contenders (A B A B ...) and report the ratio of medians, so a slow spell of
+the machine hits both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .compute import ComputeMeter
+from .data import load_data, restrict_train
+from .protocol import load_protocol
+from .registry import create_method
+from .run import RunSpec, execute
+from .train import RunContext, Trainer
+
+GOALS = {"harness_step_over_bare": ("<=", 1.05), "pipeline_over_dataloader": (">=", 3.0),
+         "infobatch_epoch_over_uniform_epoch": ("<=", 1.02)}
+
+
+def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median of each contender's measurement, measured in alternation."""
+    samples = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, measure in contenders.items():
+            samples[name].append(measure())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def harness_step_over_bare(n_examples: int = 8192, repeats: int = 3) -> dict:
+    protocol = load_protocol("fashion-mnist").replace(augment=[], epochs=1)
+    data = restrict_train(load_data("fashion-mnist"), n_examples)
+    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(1), seed=0, log=lambda *a: None)
+    model = ctx.new_model("perf")
+    batch_size = protocol.batch_size
+    steps = -(-n_examples // batch_size)
+
+    def harness() -> float:
+        trainer = Trainer(ctx, model, create_method("full"), evaluate=False, forward_flops=1)
+        started = time.perf_counter()
+        trainer.run_epoch(0)
+        return (time.perf_counter() - started) / steps
+
+    def bare() -> float:
+        optimizer = torch.optim.SGD(model.parameters(), lr=protocol.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=protocol.weight_decay)
+        images, labels = data.train.images, data.train.labels
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(n_examples)
+        for start in range(0, n_examples, batch_size):
+            index = order[start:start + batch_size]
+            x = data.train.normalize(images[index])
+            loss = F.cross_entropy(model(x), labels[index], label_smoothing=protocol.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - started) / steps
+
+    medians = _alternate({"harness": harness, "bare": bare}, repeats)
+    return {"ratio": medians["harness"] / medians["bare"], "harness_step_ms": 1000 * medians["harness"],
+            "bare_step_ms": 1000 * medians["bare"]}
+
+
+def pipeline_over_dataloader(n_examples: int = 20000, repeats: int = 3) -> dict:
+    import torchvision.transforms as T
+    from PIL import Image
+
+    protocol = load_protocol("fashion-mnist")
+    data = restrict_train(load_data("fashion-mnist"), n_examples)
+    split = data.train
+    batch_size = protocol.batch_size
+    pad = protocol.crop_padding
+    (mean,), (std,) = split.stats
+
+    class PILDataset(torch.utils.data.Dataset):
+        transform = T.Compose([T.RandomCrop(28, padding=pad), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize((mean,), (std,))])
+
+        def __len__(self):
+            return len(split)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(split.images[i, 0].numpy(), mode="L")), int(split.labels[i])
+
+    def harness() -> float:
+        started = time.perf_counter()
+        for batch in split.batches(torch.randperm(len(split)), batch_size, augment=["crop", "flip"], padding=pad,
+                                   generator=torch.Generator().manual_seed(0)):
+            batch.x.sum()
+        return len(split) / (time.perf_counter() - started)
+
+    def dataloader() -> float:
+        loader = torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, num_workers=2)
+        started = time.perf_counter()
+        for x, _ in loader:
+            x.sum()
+        return len(split) / (time.perf_counter() - started)
+
+    medians = _alternate({"harness": harness, "dataloader": dataloader}, repeats)
+    return {"ratio": medians["harness"] / medians["dataloader"], "harness_images_per_s": medians["harness"],
+            "dataloader_images_per_s": medians["dataloader"]}
+
+
+def infobatch_epoch_over_uniform_epoch(n_examples: int = 10000, epochs: int = 4, repeats: int = 2) -> dict:
+    """Seconds per visited example, epoch 1 dropped from both (it is full data for InfoBatch)."""
+    overrides = {"epochs": epochs, "train_subset": n_examples}
+
+    def seconds_per_example(record: dict) -> float:
+        rows = record["curve"]
+        return (rows[-1]["seconds"] - rows[0]["seconds"]) / sum(r["examples"] for r in rows[1:])
+
+    def run(method: str, params: dict, out: str) -> dict:
+        return execute(RunSpec("fashion-mnist", method, params, 0, overrides), out, log=lambda *a: None,
+                       progress=False, force=True)
+
+    ratios = []
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(repeats):
+            infobatch = run("infobatch", {"prune_ratio": 0.5}, out)
+            rows = infobatch["curve"][1:]
+            kept = sum(r["examples"] for r in rows) / (len(rows) * n_examples)
+            uniform = run("uniform-epoch", {"fraction": kept}, out)
+            ratios.append(seconds_per_example(infobatch) / seconds_per_example(uniform))
+    return {"ratio": statistics.median(ratios), "visited_share": kept}
+
+
+MEASUREMENTS = {"harness_step_over_bare": harness_step_over_bare,
+                "pipeline_over_dataloader": pipeline_over_dataloader,
+                "infobatch_epoch_over_uniform_epoch": infobatch_epoch_over_uniform_epoch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/perf.json", help="where to write name -> ratio (JSON)")
+    parser.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="measure only these")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    results, details = {}, {}
+    for name in args.only or MEASUREMENTS:
+        print(f"measuring {name} ...", flush=True)
+        detail = MEASUREMENTS[name]()
+        results[name] = round(detail["ratio"], 4)
+        details[name] = detail
+        op, goal = GOALS[name]
+        met = detail["ratio"] <= goal if op == "<=" else detail["ratio"] >= goal
+        extras = ", ".join(f"{k}={v:.4g}" for k, v in detail.items() if k != "ratio")
+        print(f"  {name} = {detail['ratio']:.3f} (goal {op} {goal}: {'met' if met else 'NOT met'}; {extras})",
+              flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing.update(results)
+    out.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

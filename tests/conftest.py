@@ -1,0 +1,22 @@
+"""Shared fixtures: a quiet logger and helpers to run the smoke protocol into a temporary folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.run import RunSpec, execute
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+@pytest.fixture
+def run_smoke(tmp_path):
+    """Run one smoke-protocol run into tmp_path and return its record."""
+
+    def _run(method: str = "full", params: dict | None = None, seed: int = 0, out=None, **overrides):
+        spec = RunSpec("smoke", method, params or {}, seed, overrides)
+        return execute(spec, out or tmp_path, log=quiet, progress=False)
+
+    return _run
