@@ -83,6 +83,109 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else status
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .protocol import parse_assignments
+    from .sweep import load_sweep, parse_slurm_options, run_local, submit_slurm, sweep_status, write_manifest
+
+    overrides = parse_assignments(args.set, "--set")
+    sweep = load_sweep(args.spec, overrides)
+    if args.quick:
+        from .protocol import load_protocol
+
+        sweep = load_sweep(args.spec, dict(overrides, epochs=overrides.get(
+            "epochs", max(1, load_protocol(sweep.protocol).epochs // 10))))
+    manifest, lines = write_manifest(sweep, args.out)
+    states = sweep_status(manifest)
+    complete = [i for i, _, state, _ in states if state == "complete"]
+    todo = [i for i, _, state, _ in states if state not in ("complete", "running")]
+    running = len(states) - len(complete) - len(todo)
+    print(f"sweep {sweep.name}: {len(lines)} runs in {manifest}: {len(todo)} to run, {len(complete)} already "
+          f"complete" + (f", {running} running" if running else ""))
+    if args.dry_run or not todo:
+        for i in todo if args.dry_run else []:
+            line = lines[i]
+            print(f"  [{i}] {line['run_id']} {line['method']} {line['params']} seed {line['seed']}")
+        return 0
+    if args.executor == "slurm":
+        slurm = dict(sweep.slurm, **parse_slurm_options(args.slurm))
+        submit_slurm(manifest, todo, slurm, job_name=f"bench-{sweep.name}")
+        return 0
+    final = run_local(manifest, todo, jobs=args.jobs)
+    failed = final.get("failed", []) + final.get("corrupt", []) + final.get("interrupted", [])
+    summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(final.items()))
+    print(f"summary: {summary}")
+    for i in failed:
+        print(f"  not complete: [{i}] {lines[i]['method']} {lines[i]['params']} seed {lines[i]['seed']}")
+    if not failed:
+        _print_tables(args.out, None)
+    return 1 if failed else 0
+
+
+def _loggers(args: argparse.Namespace, out: str) -> list:
+    """Live loggers for a run (W&B is wired in here)."""
+    return []
+
+
+def _cmd_task(args: argparse.Namespace) -> int:
+    """One manifest line, as a Slurm array task or a local sweep worker; checkpoint + requeue on signal."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    from .record import atomic_write_bytes
+    from .run import execute
+    from .sweep import line_spec, read_manifest_line, running_marker
+    from .train import STOP, Preempted
+
+    line = read_manifest_line(args.manifest, args.index)
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    task_id = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else None
+
+    def request_stop(signum, _frame):
+        if not STOP.is_set():
+            print(f"received {signal.Signals(signum).name}: stopping at the next step to checkpoint", flush=True)
+        STOP.set()
+
+    signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    marker = running_marker(line["out"], line["run_id"])
+    atomic_write_bytes(marker, f"host={socket.gethostname()} pid={os.getpid()} job={task_id or '-'}\n".encode())
+    try:
+        execute(line_spec(line), line["out"], data_root=args.data_root, device=args.device,
+                group=line.get("group"), loggers=_loggers(args, line["out"]))
+    except Preempted:
+        if task_id:
+            subprocess.run(["scontrol", "requeue", task_id], check=False)
+            print(f"requeued {task_id}", flush=True)
+        else:
+            print("stopped; run the same command again to resume from the checkpoint", flush=True)
+        return 3
+    finally:
+        marker.unlink(missing_ok=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .sweep import manifest_path, sweep_status
+
+    target = Path(args.sweep)
+    manifest = target if target.is_file() else target / "manifest.jsonl"
+    if not manifest.exists():
+        manifest = manifest_path(args.out, args.sweep)
+    if not manifest.exists():
+        raise BenchError(f"no manifest for sweep '{args.sweep}' (looked for {manifest})")
+    counts: dict[str, int] = {}
+    for i, line, state, detail in sweep_status(manifest):
+        counts[state] = counts.get(state, 0) + 1
+        print(f"[{i:>3}] {state:<11} {line['run_id']} {line['method']} {line['params']} seed {line['seed']}"
+              + (f"  {detail}" if detail else ""))
+    print("total: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0
+
+
 def _cmd_tables(args: argparse.Namespace) -> int:
     return _print_tables(args.runs, args.out)
 
@@ -140,6 +243,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("sweep", help="expand a sweep spec into a manifest; run it here or as one Slurm job array")
+    p.add_argument("spec", help="a sweep spec (.toml path, or a name in benchmarks/sweeps/)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local: runs at a time (default 1)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: partition, gpus, time, mem, account, parallel, cpus_per_task (over the spec's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override for all runs")
+    p.add_argument("--quick", action="store_true", help="a tenth of the protocol's epochs (a check, not a result)")
+    p.add_argument("--dry-run", action="store_true", help="write the manifest and list the new runs; run nothing")
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("task", help="run one manifest line (what each Slurm array task does)")
+    p.add_argument("manifest")
+    p.add_argument("index", type=int, help="0-based line number ($SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_task)
+
+    p = sub.add_parser("status", help="complete / running / failed / missing per run of a sweep, from the files")
+    p.add_argument("sweep", help="sweep name, its folder, or its manifest.jsonl")
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("tables", help="Markdown tables per protocol from the run records")
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")

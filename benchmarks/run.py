@@ -20,7 +20,7 @@ from .errors import BenchError
 from .protocol import Protocol, apply_overrides, load_protocol
 from .record import SCHEMA, atomic_write_bytes, is_complete, load_record, record_path, run_id, write_record
 from .registry import create_method, resolve_params
-from .train import RunContext, Trainer
+from .train import Preempted, RunContext, Trainer
 
 
 @dataclass
@@ -180,6 +180,15 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
         ckpt_path.unlink(missing_ok=True)
         _call_loggers(loggers, "finish", record, log=log)
         return record
+    except Preempted:
+        # Not a failure: save where training stopped (mid-epoch included) and let the caller requeue.
+        # Stopped inside `prepare`, there is nothing consistent to save: prepare starts over.
+        if ckpt_path.exists():
+            _save_checkpoint(ckpt_path, {"meter": ctx.meter.state_dict(), "trainer": trainer.state_dict()})
+            log(f"preempted: {rid} checkpointed at epoch {trainer.state.epoch}"
+                + (f", step {trainer.partial.steps_done} of the next" if trainer.partial else "")
+                + f" ({ckpt_path})")
+        raise
     except Exception as exc:
         record = dict(base, status="failed", metrics={}, compute=None,
                       wall_clock_s=round(time.perf_counter() - started, 3),

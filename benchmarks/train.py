@@ -7,7 +7,9 @@ and a method's proxy training (in `prepare`) both go through it, so both are met
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,6 +29,14 @@ from .protocol import Protocol
 
 NAN_CHECK_EVERY = 25  # steps between finiteness checks of the loss (each check syncs a GPU)
 
+# Set by a signal handler (Slurm's warning signal, SIGTERM): the trainer stops at the next step
+# boundary with its mid-epoch state in `Trainer.partial`, so a checkpoint loses no work.
+STOP = threading.Event()
+
+
+class Preempted(Exception):
+    """Training stopped on request; the trainer's state is complete up to the last step."""
+
 
 def derive_seed(seed: int, *tags) -> int:
     digest = hashlib.sha256(repr((seed, *tags)).encode()).digest()
@@ -41,6 +51,20 @@ class TrainState:
     step: int = 0  # optimiser steps taken
     seconds: float = 0.0  # training time so far (evaluation excluded)
     curve: list = field(default_factory=list)
+
+
+@dataclass
+class EpochProgress:
+    """An epoch under way: its visiting order and how far it got (for a mid-epoch checkpoint)."""
+
+    epoch: int
+    order: torch.Tensor
+    weights: torch.Tensor | None
+    info: dict
+    augment_rng: torch.Tensor  # state of the augmentation generator at the next batch
+    steps_done: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0
 
 
 @dataclass
@@ -114,12 +138,14 @@ class Trainer:
         self.observes = _overrides(method, "observe")
         self.selects = _overrides(method, "select")
         self.state = TrainState()
+        self.partial: EpochProgress | None = None
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "method": self.method.state_dict(), "train_state": vars(self.state).copy(),
+                "partial": vars(self.partial).copy() if self.partial is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -130,6 +156,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         self.state = TrainState(**state["train_state"])
+        self.partial = EpochProgress(**state["partial"]) if state.get("partial") else None
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -158,46 +185,65 @@ class Trainer:
             self.run_epoch(self.state.epoch)
             if on_epoch_end is not None:
                 on_epoch_end(self)
+            if STOP.is_set() and self.state.epoch < self.epochs:
+                raise Preempted(f"stopped after epoch {self.state.epoch}")
         return self.state
+
+    def _begin_epoch(self, epoch: int) -> EpochProgress:
+        plan = self.method.plan_epoch(epoch) or EpochPlan(torch.arange(self.ctx.num_train))
+        order, weights = self.epoch_order(epoch, plan)
+        return EpochProgress(epoch=epoch, order=order, weights=weights, info=dict(plan.info or {}),
+                             augment_rng=self.ctx.generator(self.tag, "augment", epoch).get_state())
 
     def run_epoch(self, epoch: int) -> dict:
         protocol, ctx, model = self.protocol, self.ctx, self.model
         started = time.perf_counter()
-        plan = self.method.plan_epoch(epoch) or EpochPlan(torch.arange(ctx.num_train))
-        order, weights = self.epoch_order(epoch, plan)
+        # A run stopped mid-epoch resumes exactly where it stopped: same order, same augmentation draws.
+        progress = self.partial if self.partial is not None and self.partial.epoch == epoch \
+            else self._begin_epoch(epoch)
+        self.partial = None
         batch_size = protocol.batch_size * getattr(self.method, "candidate_multiplier", 1)
-        steps_this_epoch = -(-len(order) // batch_size)
-        batches = ctx.data.train.batches(order, batch_size, augment=protocol.augment,
-                                         padding=protocol.crop_padding, weights=weights,
-                                         generator=ctx.generator(self.tag, "augment", epoch))
+        steps_this_epoch = -(-len(progress.order) // batch_size)
+        generator = torch.Generator().set_state(progress.augment_rng)
+        first = progress.steps_done * batch_size
+        batches = ctx.data.train.batches(
+            progress.order[first:], batch_size, augment=protocol.augment, padding=protocol.crop_padding,
+            weights=progress.weights[first:] if progress.weights is not None else None, generator=generator)
         bar = _progress(ctx.progress, steps_this_epoch, f"{self.tag} epoch {epoch + 1}/{self.epochs}")
+        bar.update(progress.steps_done)
         model.train()
-        loss_sum = torch.zeros((), device=ctx.device)
-        seen = 0
+        loss_sum = torch.tensor(progress.loss_sum, device=ctx.device, dtype=torch.float64)
         lr = lr_at(protocol, epoch, self.epochs)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(batches, start=progress.steps_done):
             lr = lr_at(protocol, epoch + i / steps_this_epoch, self.epochs)
             set_lr(self.optimizer, lr)
             if self.selects:
                 batch = self._select(batch)
             loss = self._step(batch, epoch)
             loss_sum += loss.detach() * len(batch.y)
-            seen += len(batch.y)
+            progress.seen += len(batch.y)
             if (i + 1) % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
                 raise NonFiniteLoss(f"the training loss became {loss_sum.item()} in epoch {epoch + 1} "
                                     f"(by step {i + 1}); lower the learning rate or check the data")
             bar.update(1)
+            if STOP.is_set() and i + 1 < steps_this_epoch:
+                progress.steps_done, progress.loss_sum = i + 1, loss_sum.item()
+                progress.augment_rng = generator.get_state()
+                self.partial = progress
+                self.state.seconds += time.perf_counter() - started
+                bar.close()
+                raise Preempted(f"stopped in epoch {epoch + 1} after step {i + 1} of {steps_this_epoch}")
         bar.close()
-        train_loss = (loss_sum / max(seen, 1)).item()
-        if not torch.isfinite(torch.tensor(train_loss)):
+        train_loss = (loss_sum / max(progress.seen, 1)).item()
+        if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {epoch + 1}; "
                                 "lower the learning rate or check the data")
         self.state.seconds += time.perf_counter() - started
         self.state.epoch = epoch + 1
         entry = {"epoch": epoch + 1, "step": self.state.step, "flops": ctx.meter.total,
-                 "seconds": round(self.state.seconds, 3), "train_loss": train_loss, "examples": seen,
+                 "seconds": round(self.state.seconds, 3), "train_loss": train_loss, "examples": progress.seen,
                  "lr": lr}  # the last step's learning rate, as used
-        entry.update(plan.info or {})
+        entry.update(progress.info)
         entry.update(self.method.epoch_info(epoch))
         if self.evaluate and ((epoch + 1) % protocol.eval_every == 0 or epoch + 1 == self.epochs):
             entry.update(evaluate(model, ctx))
