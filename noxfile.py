@@ -38,9 +38,12 @@ def bench_fashion(session: nox.Session) -> None:
 
 @nox.session(name="bench-cifar", **VENV)
 def bench_cifar(session: nox.Session) -> None:
-    """The CIFAR-10 protocol (GPU scale). Pass options after --, e.g. -- --quick or -- --set epochs=30."""
+    """The CIFAR-10 sweep (GPU scale, benchmarks/sweeps/cifar10.toml), run here by default.
+
+    Options after -- pass through: -- --quick, -- --set epochs=30, -- --executor slurm --slurm partition=gpu.
+    """
     install(session)
-    session.run("python", "-m", "benchmarks", "bench", "--protocol", "cifar10", *session.posargs)
+    session.run("python", "-m", "benchmarks", "sweep", "cifar10", *session.posargs)
 
 
 @nox.session(**VENV)
@@ -48,6 +51,9 @@ def tables(session: nox.Session) -> None:
     """Regenerate results/tables/ from the run records under results/runs/."""
     install(session)
     session.run("python", "-m", "benchmarks", "tables", "--runs", "results", "--out", "results/tables")
+    session.run("python", "-m", "benchmarks", "plots", "--runs", "results", "--out", "results/tables/plots")
+    session.run("python", "-m", "benchmarks", "replicate", "--runs", "results", "--out",
+                "results/tables/replication.md")
 
 
 @nox.session(**VENV)

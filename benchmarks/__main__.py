@@ -1,8 +1,9 @@
-"""Command line: python -m benchmarks {list,run,tables} ... (`--help` on each)."""
+"""Command line: python -m benchmarks {list,run,bench,tables,plots,replicate} ... (`--help` on each)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import BenchError
@@ -11,7 +12,9 @@ EXAMPLES = """examples:
   python -m benchmarks list
   python -m benchmarks run --protocol fashion-mnist --method uniform --param fraction=0.3 --seed 1
   python -m benchmarks run --protocol smoke --method full --set epochs=1
-  python -m benchmarks tables --runs results
+  python -m benchmarks tables --runs results --out results/tables
+  python -m benchmarks plots --runs results --out results/tables/plots
+  python -m benchmarks replicate --runs results --out results/tables/replication.md
 """
 
 
@@ -41,7 +44,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = RunSpec(protocol=args.protocol, method=args.method,
                    params=parse_assignments(args.param, "--param"), seed=args.seed,
                    overrides=parse_assignments(args.set, "--set"))
-    record = execute(spec, args.out, data_root=args.data_root, device=args.device, force=args.force)
+    record = execute(spec, args.out, data_root=args.data_root, device=args.device, force=args.force,
+                     loggers=_wandb_loggers(args))
     metrics, compute = record["metrics"], record["compute"]
     print(f"{record['status']}: {record['run_id']} test_acc={metrics.get('test_acc', float('nan')):.4f} "
           f"fraction={compute['fraction']:.3f} selection_share={compute['selection_share']:.3f} "
@@ -67,17 +71,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else protocol.seeds[:1]
     specs = [RunSpec(protocol=args.protocol, method=m, seed=s, overrides=overrides) for s in seeds for m in methods]
     started, failed = time.perf_counter(), []
+    loggers = _wandb_loggers(args)
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}", flush=True)
         try:
-            execute(spec, args.out, data_root=args.data_root, device=args.device)
+            execute(spec, args.out, data_root=args.data_root, device=args.device, loggers=loggers)
         except BenchError:
             raise
         except Exception as exc:  # noqa: BLE001 - the failed record holds the traceback; go on
             failed.append(f"{spec.method} seed {spec.seed}: {type(exc).__name__}: {exc}")
             print(f"  failed: {failed[-1]}", flush=True)
     print(f"bench wall-clock: {time.perf_counter() - started:.0f} s for {len(specs)} runs")
-    status = _print_tables(args.out, None)
+    status = _print_tables(args.out, f"{args.out}/tables", plots_out=f"{args.out}/tables/plots")
     for line in failed:
         print(f"FAILED {line}")
     return 1 if failed else status
@@ -95,6 +100,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         sweep = load_sweep(args.spec, dict(overrides, epochs=overrides.get(
             "epochs", max(1, load_protocol(sweep.protocol).epochs // 10))))
     manifest, lines = write_manifest(sweep, args.out)
+    os.environ["BENCH_WANDB"] = args.wandb  # tasks inherit it: sbatch exports the environment
     states = sweep_status(manifest)
     complete = [i for i, _, state, _ in states if state == "complete"]
     todo = [i for i, _, state, _ in states if state not in ("complete", "running")]
@@ -117,18 +123,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for i in failed:
         print(f"  not complete: [{i}] {lines[i]['method']} {lines[i]['params']} seed {lines[i]['seed']}")
     if not failed:
-        _print_tables(args.out, None)
+        _print_tables(args.out, f"{args.out}/tables", plots_out=f"{args.out}/tables/plots")
     return 1 if failed else 0
-
-
-def _loggers(args: argparse.Namespace, out: str) -> list:
-    """Live loggers for a run (W&B is wired in here)."""
-    return []
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
     """One manifest line, as a Slurm array task or a local sweep worker; checkpoint + requeue on signal."""
-    import os
     import signal
     import socket
     import subprocess
@@ -153,7 +153,7 @@ def _cmd_task(args: argparse.Namespace) -> int:
     atomic_write_bytes(marker, f"host={socket.gethostname()} pid={os.getpid()} job={task_id or '-'}\n".encode())
     try:
         execute(line_spec(line), line["out"], data_root=args.data_root, device=args.device,
-                group=line.get("group"), loggers=_loggers(args, line["out"]))
+                group=line.get("group"), loggers=_wandb_loggers(args, line["out"]))
     except Preempted:
         if task_id:
             subprocess.run(["scontrol", "requeue", task_id], check=False)
@@ -186,27 +186,103 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wandb_loggers(args: argparse.Namespace, out: str | None = None) -> list:
+    """The run loggers that `--wandb` asks for; "off" never imports wandb."""
+    if args.wandb == "off":
+        return []
+    from .wandb_logger import make_loggers
+
+    return make_loggers(args.wandb, out or args.out)
+
+
 def _cmd_tables(args: argparse.Namespace) -> int:
-    return _print_tables(args.runs, args.out)
+    return _print_tables(args.runs, args.out, tolerance=args.target_tolerance, from_wandb=args.from_wandb)
 
 
-def _print_tables(results: str, tables_out: str | None) -> int:
-    from .record import runs_dir
-    from .report import build_tables, write_tables
+def _load(results: str, from_wandb: str | None = None) -> tuple[list[dict], str]:
+    """Records (with problem lines printed as warnings) from a results folder or from W&B."""
+    from .record import load_records, runs_dir
 
-    folder = runs_dir(results)
-    tables, problems = build_tables(folder)
+    if from_wandb:
+        from .wandb_logger import records_from_wandb
+
+        records, problems = records_from_wandb(from_wandb)
+        source = f"W&B project {from_wandb}"
+    else:
+        folder = runs_dir(results)
+        records, problems = load_records(folder)
+        source = str(folder)
     for problem in problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
-    if not tables:
-        print(f"no complete run records under {folder}")
+    return records, source
+
+
+def _sections(results: str, from_wandb: str | None = None, tolerance: float = 0.01) -> list | None:
+    """Table sections from the records (or W&B), warnings for unreadable records; None if there are none."""
+    from .report import build_sections
+
+    records, source = _load(results, from_wandb)
+    problems: list[str] = []
+    sections = build_sections(records, problems, tolerance)
+    for problem in problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    if not sections:
+        print(f"no complete run records under {source}")
+        return None
+    return sections
+
+
+def _print_tables(results: str, tables_out: str | None, *, tolerance: float = 0.01,
+                  from_wandb: str | None = None, plots_out: str | None = None) -> int:
+    from .report import markdown_tables, write_tables
+
+    sections = _sections(results, from_wandb, tolerance)
+    if sections is None:
         return 1
-    for text in tables.values():
+    for text in markdown_tables(sections).values():
         print(text)
     if tables_out:
-        for path in write_tables(folder, tables_out):
+        for path in write_tables(sections, tables_out):
+            print(f"wrote {path}")
+    if plots_out:
+        from .plots import write_plots
+
+        for path in write_plots(sections, plots_out):
             print(f"wrote {path}")
     return 0
+
+
+def _cmd_plots(args: argparse.Namespace) -> int:
+    from .plots import write_plots
+
+    sections = _sections(args.runs)
+    if sections is None:
+        return 1
+    for path in write_plots(sections, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_replicate(args: argparse.Namespace) -> int:
+    from .replicate import load_papers, markdown_table, replicate
+
+    entries = load_papers(args.papers)
+    records, _ = _load(args.runs)
+    text = markdown_table(replicate(entries, records))
+    print(text)
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+    return 0
+
+
+WANDB_CHOICES = ("auto", "online", "offline", "off")
+WANDB_HELP = ("Weights & Biases logging: auto follows WANDB_MODE and goes offline without an API key "
+              "(files under OUT/wandb/); off never imports wandb (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="where datasets are looked for first (then $BENCH_DATA)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--force", action="store_true", help="rerun even if a complete record exists")
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="run every method at its defaults on a protocol, then print the table")
@@ -242,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("sweep", help="expand a sweep spec into a manifest; run it here or as one Slurm job array")
@@ -254,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tenth of the protocol's epochs (a check, not a result)")
     p.add_argument("--dry-run", action="store_true", help="write the manifest and list the new runs; run nothing")
     p.add_argument("--out", default="results")
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("task", help="run one manifest line (what each Slurm array task does)")
@@ -261,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", type=int, help="0-based line number ($SLURM_ARRAY_TASK_ID)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default=os.environ.get("BENCH_WANDB", "auto"),
+                   help=WANDB_HELP + " (default: $BENCH_WANDB, set by `sweep`, else auto)")
     p.set_defaults(func=_cmd_task)
 
     p = sub.add_parser("status", help="complete / running / failed / missing per run of a sweep, from the files")
@@ -268,10 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("tables", help="Markdown tables per protocol from the run records")
+    p = sub.add_parser("tables", help="Markdown and LaTeX tables per protocol from the run records (or W&B)")
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
-    p.add_argument("--out", default=None, help="also write one <protocol>.md per protocol here")
+    p.add_argument("--out", default=None, help="also write <protocol>.md and <protocol>.tex per protocol here")
+    p.add_argument("--from-wandb", default=None, metavar="ENTITY/PROJECT",
+                   help="rebuild the tables from W&B's runs instead of the local records")
+    p.add_argument("--target-tolerance", type=float, default=0.01, metavar="T",
+                   help="target accuracy = full-data mean test accuracy - T (default 0.01 = 1 pp)")
     p.set_defaults(func=_cmd_tables)
+
+    p = sub.add_parser("plots", help="accuracy vs compute saved, and accuracy vs FLOPs curves (PNG and PDF)")
+    p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
+    p.add_argument("--out", default="results/tables/plots", help="folder for the plots (default results/tables/plots)")
+    p.set_defaults(func=_cmd_plots)
+
+    p = sub.add_parser("replicate", help="our runs next to the papers' numbers (results/paper/*.toml)")
+    p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
+    p.add_argument("--papers", default="results/paper", help="folder of paper TOML files (default results/paper)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown table here")
+    p.set_defaults(func=_cmd_replicate)
     return parser
 
 

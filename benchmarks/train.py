@@ -182,9 +182,13 @@ class Trainer:
 
     def fit(self, on_epoch_end: Callable[[Trainer], None] | None = None) -> TrainState:
         while self.state.epoch < self.epochs:
-            self.run_epoch(self.state.epoch)
+            entry = self.run_epoch(self.state.epoch)
             if on_epoch_end is not None:
-                on_epoch_end(self)
+                on_epoch_end(self)  # (the checkpoint) before the line below: a logged epoch is a saved one
+            if not self.ctx.progress:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()
+                         if k in ("train_loss", "test_acc", "val_acc", "seconds", "examples")}
+                self.ctx.log(f"[{self.tag}] epoch {entry['epoch']}/{self.epochs} {shown}")
             if STOP.is_set() and self.state.epoch < self.epochs:
                 raise Preempted(f"stopped after epoch {self.state.epoch}")
         return self.state
@@ -248,10 +252,6 @@ class Trainer:
         if self.evaluate and ((epoch + 1) % protocol.eval_every == 0 or epoch + 1 == self.epochs):
             entry.update(evaluate(model, ctx))
         self.state.curve.append(entry)
-        if not ctx.progress:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()
-                     if k in ("train_loss", "test_acc", "val_acc", "seconds", "examples")}
-            ctx.log(f"[{self.tag}] epoch {epoch + 1}/{self.epochs} {shown}")
         return entry
 
     def _select(self, batch: Batch) -> Batch:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Runs made by tests log nowhere but their records; the W&B tests set their own mode.
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 from benchmarks.run import RunSpec, execute
 

@@ -14,87 +14,26 @@ the files the jobs wrote.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import time
 import warnings
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SLURM_DIR = REPO / "slurm"
-POLL = 0.5  # seconds between squeue polls
+from slurm_support import (
+    SLURM_DIR,
+    _diagnostics,
+    _run,
+    _sbatch,
+    _wait_gone,
+    _wait_until,
+)
 
 
-# --------------------------------------------------------------- helpers ----
-def _run(cmd: list[str], timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed (rc={proc.returncode})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc
-
-
-def _diagnostics(job_id: str | None = None) -> str:
-    parts = []
-    if job_id:
-        parts.append(_run(["scontrol", "show", "job", job_id], check=False).stdout)
-    parts.append(_run(["squeue", "-a", "-o", "%i %T %r %S %N"], check=False).stdout)
-    parts.append(_run(["sinfo", "-N", "-l"], check=False).stdout)
-    for log in ("/var/log/slurm/slurmctld.log", "/var/log/slurm/slurmd.log"):
-        try:
-            lines = Path(log).read_text(errors="replace").splitlines()[-15:]
-        except OSError as exc:
-            lines = [f"<{exc}>"]
-        parts.append(f"--- tail {log} ---\n" + "\n".join(lines))
-    return "\n".join(parts)
-
-
-def _sbatch(*args: str, cwd: Path, env: dict | None = None) -> str:
-    out = _run(["sbatch", "--parsable", *args], cwd=cwd, env=env).stdout.strip()
-    return out.split(";")[0]  # "jobid[;cluster]"
-
-
-def _wait_until(pred, timeout: float, what: str, job_id: str | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            if job_id:
-                _run(["scancel", job_id], check=False)
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{_diagnostics(job_id)}")
-        time.sleep(POLL)
-
-
-def _job_gone(job_id: str) -> bool:
-    # A finished job disappears from squeue (it lists only pending/running/
-    # completing jobs); rc != 0 with "Invalid job id" once it is purged.
-    proc = _run(["squeue", "-h", "-j", job_id], check=False)
-    return proc.stdout.strip() == ""
-
-
-def _wait_gone(job_id: str, timeout: float) -> None:
-    _wait_until(lambda: _job_gone(job_id), timeout, f"job {job_id} to leave the queue", job_id)
-
-
-# --------------------------------------------------------------- fixture ----
 @pytest.fixture(scope="module")
 def cluster():
-    if shutil.which("sbatch") is None:
-        pytest.skip("Slurm is not installed (no 'sbatch' on PATH); apt-get install -y slurm-wlm munge")
-    proc = subprocess.run(
-        ["bash", str(SLURM_DIR / "cluster-up.sh")], capture_output=True, text=True, timeout=180
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"slurm/cluster-up.sh failed (rc={proc.returncode})\n{proc.stdout}\n{proc.stderr}", pytrace=False
-        )
-    return proc.stdout.strip()
+    from slurm_support import start_cluster
+
+    return start_cluster()
 
 
 # ----------------------------------------------------------------- tests ----

@@ -1,0 +1,105 @@
+"""Plots per table section (protocol + overrides), as PNG and PDF:
+
+- <slug>-accuracy-vs-saved: test accuracy against compute saved (1 - fraction), one point per method
+  setting with std error bars over seeds, the full-data mean as a horizontal line;
+- <slug>-curves: test accuracy against compute spent (fraction of the full-data run) along training,
+  one line per run, one colour per method setting.
+
+Figures are drawn with matplotlib's object API (no pyplot, no global backend switch) and saved
+without timestamps, so regenerating unchanged data gives unchanged files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from .report import Section
+
+FORMATS = ("png", "pdf")
+_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
+
+
+def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
+    paths = []
+    for fmt in FORMATS:
+        path = out / f"{stem}.{fmt}"
+        fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight", metadata=_METADATA[fmt])
+        paths.append(path)
+    return paths
+
+
+def _colours(labels: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def _label(method: str, setting: str) -> str:
+    return method if setting == "-" else f"{method} ({setting})"
+
+
+def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
+    summary = section.summary.dropna(subset=["acc_mean", "fraction"])
+    methods = sorted(summary["method"].unique())
+    colours = _colours(methods)
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    seen = set()
+    for row in summary.itertuples():
+        saved = 100 * (1 - row.fraction)
+        std = 0.0 if row.acc_std != row.acc_std else 100 * row.acc_std  # NaN (one seed): no bar
+        ax.errorbar(saved, 100 * row.acc_mean, yerr=std, fmt="o", capsize=3, color=colours[row.method],
+                    label=None if row.method in seen else row.method)
+        seen.add(row.method)
+        if row.setting != "-":
+            ax.annotate(row.setting, (saved, 100 * row.acc_mean), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=colours[row.method])
+    if section.full_mean == section.full_mean:  # not NaN
+        ax.axhline(100 * section.full_mean, color="grey", linestyle="--", linewidth=1,
+                   label=f"full data ({100 * section.full_mean:.2f}%)")
+    ax.set_xlabel("compute saved, % of the full-data run (train + selection FLOPs)")
+    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+    ax.set_title(f"{section.title}: accuracy vs compute saved (budget: {section.budget})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, out, f"{section.slug}-accuracy-vs-saved")
+
+
+def accuracy_curves(section: Section, out: Path) -> list[Path]:
+    runs = section.runs.sort_values(["method", "setting", "seed"])
+    labels = list(dict.fromkeys(_label(m, s) for m, s in zip(runs["method"], runs["setting"])))
+    colours = _colours(labels)
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    seen = set()
+    for run in runs.itertuples():
+        points = [(row["flops"] / run.full_flops, 100 * row["test_acc"]) for row in run.curve
+                  if "test_acc" in row and "flops" in row]
+        if not points or not run.full_flops or run.full_flops != run.full_flops:
+            continue
+        label = _label(run.method, run.setting)
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker=".", linewidth=1, color=colours[label], label=None if label in seen else label)
+        seen.add(label)
+    if section.target is not None:
+        ax.axhline(100 * section.target, color="grey", linestyle=":", linewidth=1,
+                   label=f"target ({100 * section.target:.2f}%)")
+    ax.set_xlabel("compute spent, fraction of the full-data run (train + selection FLOPs)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title(f"{section.title}: test accuracy during training (one line per run)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out, f"{section.slug}-curves")
+
+
+def write_plots(sections: list[Section], out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for section in sections:
+        written += accuracy_vs_saved(section, out)
+        written += accuracy_curves(section, out)
+    return written

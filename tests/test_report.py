@@ -1,0 +1,168 @@
+"""Tables, plots and the time-to-target from small hand-made records (written with write_record)."""
+
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.plots import write_plots
+from benchmarks.record import load_records, record_path, write_record
+from benchmarks.report import build_sections, compute_to_target, latex_escape, latex_tables, markdown_tables
+
+FULL_FLOPS = 1000
+
+
+def write(out, rid, method, params, seed, acc, fraction, wall, curve, *, protocol="toy", overrides=None,
+          selection_share=0.0, worst_group=None, rule="last-epoch", stats=None, status="complete"):
+    metrics = {"test_acc": acc, "selected_epoch": len(curve)}
+    if worst_group is not None:
+        metrics["test_worst_group_acc"] = worst_group
+    record = {"schema": 1, "run_id": rid, "status": status, "protocol": protocol, "method": method,
+              "params": params, "seed": seed, "overrides": overrides or {}, "budget": "epochs",
+              "resolved_protocol": {"name": protocol, "budget": "epochs", "selection_rule": rule},
+              "metrics": metrics if status == "complete" else {},
+              "compute": {"fraction": fraction, "saved": 1 - fraction, "selection_share": selection_share,
+                          "full_flops": FULL_FLOPS},
+              "wall_clock_s": wall, "curve": [dict(zip(("epoch", "flops", "test_acc"), row)) for row in curve],
+              "method_stats": stats or {}, "error": None}
+    write_record(record_path(out, rid), record)
+
+
+UNIFORM = {"class_balanced": False, "fraction": 0.5}
+
+
+@pytest.fixture
+def results(tmp_path):
+    """full: 2 seeds (90, 92 -> 91.00 ± 1.41); uniform: 3 seeds (85, 88, 91 -> 88.00 ± 3.00);
+    toyscore: 1 seed. Target = 91 - 1 = 90."""
+    write(tmp_path, "f0", "full", {}, 0, 0.90, 1.0, 10, [(1, 500, 0.80), (2, 1000, 0.90)])
+    write(tmp_path, "f1", "full", {}, 1, 0.92, 1.0, 12, [(1, 500, 0.905), (2, 1000, 0.92)])
+    write(tmp_path, "u0", "uniform", UNIFORM, 0, 0.85, 0.5, 5, [(1, 250, 0.80), (2, 500, 0.85)])
+    write(tmp_path, "u1", "uniform", UNIFORM, 1, 0.88, 0.5, 6, [(1, 250, 0.89), (2, 500, 0.88)])
+    write(tmp_path, "u2", "uniform", UNIFORM, 2, 0.91, 0.5, 7, [(1, 250, 0.86), (2, 500, 0.91)])
+    write(tmp_path, "s0", "toyscore", {"fraction": 0.3}, 0, 0.70, 0.45, 3, [(1, 400, 0.6), (2, 450, 0.7)],
+          selection_share=1 / 3, stats={"scores_cached": True})
+    write(tmp_path, "x0", "uniform", UNIFORM, 3, 0.10, 0.5, 1, [], status="failed")  # never tabulated
+    return tmp_path
+
+
+EXPECTED_TOY = """\
+### toy
+
+| method | setting | n | test acc % (mean ± std) | Δ vs full (pp) | compute fraction | selection share % | wall-clock s | compute to target | reached |
+|---|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| toyscore | fraction=0.3 | 1 | 70.00 | -21.00 | 0.450 | 33.3 | 3.0 |  | 0/1 |
+| uniform | class_balanced=False, fraction=0.5 | 3 | 88.00 ± 3.00 | -3.00 | 0.500 | 0.0 | 6.0 | 0.500 | 1/3 |
+| full | - | 2 | 91.00 ± 1.41 | +0.00 | 1.000 | 0.0 | 11.0 | 0.750 | 2/2 |
+
+- Budget: epochs (a subset gets fewer steps).
+- Reported: the last epoch (no model selection on the test set).
+- Compute fraction = (train + selection FLOPs) / FLOPs of the full-data run (computed, not run); evaluation passes excluded. Selection share = the part of it spent choosing data. Rows sorted by compute saved, most first.
+- Compute to target = compute fraction at the first evaluated epoch with test acc >= 90.00% (full-data mean 91.00% - 1.00 pp), mean over the seeds that reach it; reached = seeds reaching it / seeds.
+- Some runs reused cached scores: their scoring cost is still charged to each run as selection compute.
+"""
+
+
+def sections_of(folder, **kw):
+    records, problems = load_records(folder / "runs")
+    return build_sections(records, problems, **kw), problems
+
+
+def test_markdown_table_matches_hand_computed_text(results):
+    sections, problems = sections_of(results)
+    assert problems == []
+    assert markdown_tables(sections) == {"toy": EXPECTED_TOY}
+
+
+def test_mean_std_delta_over_seeds(results):
+    (section,), _ = sections_of(results)
+    rows = section.summary.set_index("method")
+    assert rows.loc["uniform", "acc_mean"] == pytest.approx(0.88)
+    assert rows.loc["uniform", "acc_std"] == pytest.approx(0.03)  # sample std (ddof=1); population would be 0.0245
+    assert rows.loc["full", "acc_std"] == pytest.approx(math.sqrt(2 * 0.01**2))
+    assert math.isnan(rows.loc["toyscore", "acc_std"])  # one seed: no spread
+    assert rows.loc["uniform", "delta_vs_full"] == pytest.approx(-0.03)
+    assert list(section.summary["method"]) == ["toyscore", "uniform", "full"]  # most compute saved first
+
+
+def test_tolerance_moves_the_target(results):
+    (section,), _ = sections_of(results, tolerance=0.05)  # target 86%
+    rows = section.summary.set_index("method")
+    # seed 0 never (80, 85); seeds 1 and 2 at epoch 1 (89, and 86 exactly on the target)
+    assert rows.loc["uniform", "reached"] == 2 and rows.loc["uniform", "to_target"] == pytest.approx(0.25)
+    assert rows.loc["toyscore", "reached"] == 0 and math.isnan(rows.loc["toyscore", "to_target"])
+    assert rows.loc["full", "to_target"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_compute_to_target_from_hand_made_curves():
+    curve = [{"epoch": 1, "flops": 100}, {"epoch": 2, "flops": 200, "test_acc": 0.5},  # epoch 1 not evaluated
+             {"epoch": 3, "flops": 300, "test_acc": 0.8}, {"epoch": 4, "flops": 400, "test_acc": 0.9}]
+    assert compute_to_target(curve, 0.8, 1000) == 0.3
+    assert compute_to_target(curve, 0.45, 1000) == 0.2
+    assert math.isnan(compute_to_target(curve, 0.95, 1000))  # never reached
+    assert math.isnan(compute_to_target(curve, None, 1000))  # no full-data run, no target
+
+
+def test_groups_selection_rule_and_no_full_run(tmp_path):
+    write(tmp_path, "g0", "jtt", {"up": 5}, 0, 0.90, 1.2, 4, [(1, 600, 0.9)], protocol="birds", worst_group=0.70,
+          rule="best-val-worst-group")
+    write(tmp_path, "g1", "jtt", {"up": 5}, 1, 0.80, 1.2, 4, [(1, 600, 0.8)], protocol="birds", worst_group=0.60,
+          rule="best-val-worst-group")
+    write(tmp_path, "o0", "full", {}, 0, 0.5, 1.0, 1, [(1, 10, 0.5)], overrides={"epochs": 1})
+    sections, _ = sections_of(tmp_path)
+    tables = markdown_tables(sections)
+    birds = tables["birds"]
+    assert "| worst-group acc % (mean ± std) |" in birds
+    assert "| jtt | up=5 | 2 | 85.00 ± 7.07 | 65.00 ± 7.07 |  | 1.200 | 0.0 | 4.0 |  |  |" in birds
+    assert "rule 'best-val-worst-group'" in birds and "No full-data run" in birds
+    assert "### toy, --set epochs=1" in tables["toy"] and "worst-group" not in tables["toy"]
+
+
+def test_corrupt_records_are_reported_with_their_path_not_fatal(results):
+    (results / "runs" / "trunc.json").write_text('{"schema": 1, "run_id": "t", "sta')
+    bad = {"schema": 1, "run_id": "b", "status": "complete", "protocol": "toy", "method": "uniform",
+           "params": {}, "seed": 9, "overrides": {}, "compute": "oops", "curve": []}
+    write_record(results / "runs" / "bad.json", bad)
+    sections, problems = sections_of(results)
+    assert markdown_tables(sections) == {"toy": EXPECTED_TOY}  # the good records still make the same table
+    assert len(problems) == 2
+    assert any("trunc.json" in p for p in problems) and any("bad.json" in p and "malformed" in p for p in problems)
+
+
+def test_latex_is_booktabs_with_escaped_text(results):
+    sections, _ = sections_of(results)
+    tex = latex_tables(sections)["toy"]
+    body = "\n".join(line for line in tex.splitlines() if not line.startswith("%"))
+    for command in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{llrrrrrrrr}", r"\end{table}"):
+        assert command in body
+    assert body.index(r"\toprule") < body.index(r"\midrule") < body.index(r"\bottomrule")
+    assert r"uniform & class\_balanced=False, fraction=0.5 & 3 & 88.00 $\pm$ 3.00 & -3.00 & 0.500" in body
+    assert not re.search(r"(?<!\\)[_%&#]", body.replace(" & ", " ")), "unescaped special character"
+    assert body.count("{") == body.count("}")
+    assert "±" not in body and "Δ" not in body
+    assert latex_escape("a_b 50% {x} & ±") == r"a\_b 50\% \{x\} \& $\pm$"
+
+
+def test_plots_are_written_and_not_empty(results, tmp_path):
+    sections, _ = sections_of(results)
+    paths = write_plots(sections, tmp_path / "plots")
+    names = sorted(p.name for p in paths)
+    assert names == ["toy-accuracy-vs-saved.pdf", "toy-accuracy-vs-saved.png", "toy-curves.pdf", "toy-curves.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert len(data) > 1000
+        assert data.startswith(b"\x89PNG" if path.suffix == ".png" else b"%PDF")
+
+
+def test_cli_tables_writes_markdown_and_latex_and_warns_on_corrupt(results):
+    (results / "runs" / "trunc.json").write_text("{")
+    out = results / "tables"
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "tables", "--runs", str(results), "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert EXPECTED_TOY in result.stdout
+    assert "warning: skipped" in result.stderr and "trunc.json" in result.stderr
+    assert (out / "toy.md").read_text() == EXPECTED_TOY
+    assert r"\toprule" in (out / "toy.tex").read_text()
