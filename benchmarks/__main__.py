@@ -7,6 +7,7 @@ import os
 import sys
 
 from .errors import BenchError
+from .scores_cli import add_parser as add_scores_parser
 
 EXAMPLES = """examples:
   python -m benchmarks list
@@ -69,7 +70,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in methods:
         method_class(name)  # unknown names fail before anything runs
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else protocol.seeds[:1]
-    specs = [RunSpec(protocol=args.protocol, method=m, seed=s, overrides=overrides) for s in seeds for m in methods]
+    shared = parse_assignments(args.param, "--param")
+
+    def params_for(method: str) -> dict:  # a --param goes to every method that has that parameter
+        return {k: v for k, v in shared.items() if k in method_class(method).params}
+
+    specs = [RunSpec(protocol=args.protocol, method=m, params=params_for(m), seed=s, overrides=overrides)
+             for s in seeds for m in methods]
     started, failed = time.perf_counter(), []
     loggers = _wandb_loggers(args)
     for i, spec in enumerate(specs, 1):
@@ -314,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", required=True)
     p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     p.add_argument("--seeds", default=None, help="comma-separated (default: the protocol's first seed)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter for every method that has it (e.g. score_runs=2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override")
     p.add_argument("--quick", action="store_true", help="a tenth of the protocol's epochs (a check, not a result)")
     p.add_argument("--out", default="results")
@@ -368,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--papers", default="results/paper", help="folder of paper TOML files (default results/paper)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown table here")
     p.set_defaults(func=_cmd_replicate)
+    add_scores_parser(sub)
     return parser
 
 

@@ -8,6 +8,10 @@
   Goal >= 3.
 - infobatch_epoch_over_uniform_epoch: InfoBatch's training seconds per visited example over
   uniform-epoch's at the same visited share. Goal <= 1.02.
+- grand_loop_over_batched: GraNd (all parameters) by a Python loop of single-example gradients over
+  the batched per-example gradient norms, same 256 examples. Goal >= 10 (a GPU goal: on 2 CPU cores
+  the batched forward/backward alone costs about what the loop does).
+Then the selection cost of each score method at its defaults, as a share of one full-data run.
 
 Repeats alternate the contenders (A B A B ...) and report the ratio of medians, so a slow spell of
 the machine hits both sides.
@@ -34,7 +38,7 @@ from .run import RunSpec, execute
 from .train import RunContext, Trainer
 
 GOALS = {"harness_step_over_bare": ("<=", 1.05), "pipeline_over_dataloader": (">=", 3.0),
-         "infobatch_epoch_over_uniform_epoch": ("<=", 1.02)}
+         "infobatch_epoch_over_uniform_epoch": ("<=", 1.02), "grand_loop_over_batched": (">=", 10.0)}
 
 
 def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -46,7 +50,7 @@ def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def harness_step_over_bare(n_examples: int = 8192, repeats: int = 3) -> dict:
+def harness_step_over_bare(n_examples: int = 8192, repeats: int = 5) -> dict:
     protocol = load_protocol("fashion-mnist").replace(augment=[], epochs=1)
     data = restrict_train(load_data("fashion-mnist"), n_examples)
     ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(1), seed=0, log=lambda *a: None)
@@ -76,7 +80,7 @@ def harness_step_over_bare(n_examples: int = 8192, repeats: int = 3) -> dict:
             optimizer.step()
         return (time.perf_counter() - started) / steps
 
-    medians = _alternate({"harness": harness, "bare": bare}, repeats)
+    medians = _alternate({"harness": harness, "bare": bare}, repeats)  # the first pair warms up too
     return {"ratio": medians["harness"] / medians["bare"], "harness_step_ms": 1000 * medians["harness"],
             "bare_step_ms": 1000 * medians["bare"]}
 
@@ -144,9 +148,82 @@ def infobatch_epoch_over_uniform_epoch(n_examples: int = 10000, epochs: int = 4,
     return {"ratio": statistics.median(ratios), "visited_share": kept}
 
 
+def grand_loop_over_batched(n_examples: int = 256, repeats: int = 3, threads: int | None = 1) -> dict:
+    """GraNd on the same examples: a loop of single-example gradients over methods.pergrad's batched norms.
+
+    Fashion-MNIST's small-cnn in eval mode (as GraNd scores), all parameters. `threads` pins torch's
+    intra-op threads while measuring: on a shared machine the loop's tiny ops stall on busy OpenMP
+    threads, which inflates the ratio many times over; None keeps the default.
+    """
+    from methods.pergrad import per_example_grad_norms
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    protocol = load_protocol("fashion-mnist")
+    data = restrict_train(load_data("fashion-mnist"), n_examples)
+    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(1), seed=0, log=lambda *a: None)
+    model = ctx.new_model("perf").eval()
+    x, y = data.train.normalize(data.train.images), data.train.labels
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loop() -> float:
+        started = time.perf_counter()
+        norms = []
+        for i in range(n_examples):
+            grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+            norms.append(torch.sqrt(sum(g.square().sum() for g in grads)))
+        torch.stack(norms)
+        return time.perf_counter() - started
+
+    def batched() -> float:
+        started = time.perf_counter()
+        per_example_grad_norms(model, x, y)
+        return time.perf_counter() - started
+
+    try:
+        batched()  # one warm-up call each, outside the timing
+        loop()
+        medians = _alternate({"loop": loop, "batched": batched}, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return {"ratio": medians["loop"] / medians["batched"], "loop_s": medians["loop"],
+            "batched_s": medians["batched"], "threads": threads or previous}
+
+
+def scoring_costs(protocols: tuple = ("fashion-mnist", "datadiet-cifar10", "forgetting-cifar10")) -> dict:
+    """Selection FLOPs of each score method at its defaults, as a share of one full-data run.
+
+    From each method's predicted_selection_flops, the formula the meter's charges follow
+    (tests/test_scores.py checks prediction == metered charge). Nothing is trained; class sizes are
+    taken as balanced (true of Fashion-MNIST and CIFAR).
+    """
+    from .compute import forward_flops_per_example, full_data_flops
+    from .models import create_model
+
+    datasets = {"fashion-mnist": (60000, (1, 28, 28), 10), "cifar10": (50000, (3, 32, 32), 10),
+                "cifar100": (50000, (3, 32, 32), 100)}
+    methods = ("el2n", "grand", "grand-lastlayer", "forgetting", "ccs", "kcenter", "herding")
+    shares = {}
+    for name in protocols:
+        protocol = load_protocol(name)
+        n, shape, classes = datasets[protocol.dataset]
+        n = min(n, protocol.train_subset) if protocol.train_subset else n
+        model = create_model(protocol.model, in_chans=shape[0], num_classes=classes, **protocol.model_kwargs)
+        forward = forward_flops_per_example(model, shape)
+        full = full_data_flops(forward, n, protocol.epochs)
+        labels = torch.arange(n) % classes
+        for method in methods:
+            flops = create_method(method).predicted_selection_flops(protocol, labels, forward, model.num_features)
+            shares[f"{name}/{method}"] = flops / full
+            print(f"  {name:<20} {method:<16} selection = {flops / full:7.3f} x a full-data run")
+    return shares
+
+
 MEASUREMENTS = {"harness_step_over_bare": harness_step_over_bare,
                 "pipeline_over_dataloader": pipeline_over_dataloader,
-                "infobatch_epoch_over_uniform_epoch": infobatch_epoch_over_uniform_epoch}
+                "infobatch_epoch_over_uniform_epoch": infobatch_epoch_over_uniform_epoch,
+                "grand_loop_over_batched": grand_loop_over_batched}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         extras = ", ".join(f"{k}={v:.4g}" for k, v in detail.items() if k != "ratio")
         print(f"  {name} = {detail['ratio']:.3f} (goal {op} {goal}: {'met' if met else 'NOT met'}; {extras})",
               flush=True)
+    if not args.only:
+        print("scoring cost at default settings (selection FLOPs / one full-data run):", flush=True)
+        for key, share in scoring_costs().items():
+            results[f"scoring_cost/{key}"] = round(share, 4)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}

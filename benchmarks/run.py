@@ -71,6 +71,21 @@ def _git_commit() -> str | None:
     return (commit + ("-dirty" if dirty else "")) or None
 
 
+def build_context(protocol: Protocol, seed: int, *, data_root: str | None = None, device: str | None = None,
+                  cache_dir: str | Path | None = None, log=print, progress: bool = False) -> RunContext:
+    """The data on its device, the seeded context and the meter (with the model's forward FLOPs) of a run."""
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    data = restrict_train(load_data(protocol.dataset, data_root, protocol.data_kwargs), protocol.train_subset)
+    data.train, data.test = data.train.to(dev), data.test.to(dev)
+    if data.val is not None:
+        data.val = data.val.to(dev)
+    ctx = RunContext(protocol=protocol, data=data, device=dev, meter=ComputeMeter(0), seed=seed, log=log,
+                     progress=progress, cache_dir=Path(cache_dir) if cache_dir else None)
+    ctx.meter.forward_flops = forward_flops_per_example(ctx.new_model("main"), data.input_shape, dev)
+    return ctx
+
+
 def final_metrics(curve: list[dict], rule: str) -> dict:
     """The reported metrics: the last evaluated epoch, or the protocol's validation-based rule."""
     evaluated = [row for row in curve if "test_acc" in row]
@@ -144,15 +159,9 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
     ckpt_path = checkpoint_path(out, rid)
     trainer = None
     try:
-        torch.manual_seed(spec.seed)
-        data = restrict_train(load_data(protocol.dataset, data_root, protocol.data_kwargs), protocol.train_subset)
-        data.train, data.test = data.train.to(dev), data.test.to(dev)
-        if data.val is not None:
-            data.val = data.val.to(dev)
-        ctx = RunContext(protocol=protocol, data=data, device=dev, meter=ComputeMeter(0), seed=spec.seed,
-                         log=log, progress=progress, cache_dir=Path(out) / "cache")
+        ctx = build_context(protocol, spec.seed, data_root=data_root, device=device, cache_dir=Path(out) / "cache",
+                            log=log, progress=progress)
         model = ctx.new_model("main")
-        ctx.meter.forward_flops = forward_flops_per_example(model, data.input_shape, dev)
         method = create_method(spec.method, **params)
         method.ctx = ctx
         trainer = Trainer(ctx, model, method, purpose="train", evaluate=True)
@@ -165,7 +174,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
         log(f"run {rid}: {protocol.name} / {spec.method} {params} seed {spec.seed} on {dev}"
             + (f" (resumed at epoch {trainer.state.epoch})" if resumed else ""))
 
-        n_train = len(data.train)
+        n_train = ctx.num_train
         full_flops = full_data_flops(ctx.meter.forward_flops, n_train, protocol.epochs)
         logging_seconds += _call_loggers(loggers, "start", dict(base, n_train=n_train, fresh=force,
                                                                 resumed_at_epoch=trainer.state.epoch), log=log)

@@ -1,3 +1,3 @@
 """Data-efficiency methods, one module each; importing the package registers them."""
 
-from . import infobatch  # noqa: F401
+from . import forgetting, infobatch, scores  # noqa: F401

@@ -26,6 +26,7 @@ class DataBundle:
     test: TensorSplit | StreamingSplit
     num_classes: int
     val: TensorSplit | StreamingSplit | None = None
+    train_origin: torch.Tensor | None = None  # with train_subset: each example's index in the full split
 
     @property
     def input_shape(self) -> tuple:
@@ -133,4 +134,4 @@ def restrict_train(bundle: DataBundle, n: int, seed: int = 0) -> DataBundle:
     generator = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(bundle.train), generator=generator)[:n].sort().values
     return DataBundle(train=bundle.train.subset(keep), test=bundle.test, num_classes=bundle.num_classes,
-                      val=bundle.val)
+                      val=bundle.val, train_origin=keep)
