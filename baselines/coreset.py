@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.hooks import EpochPlan, Method
 from benchmarks.protocol import Protocol
 from benchmarks.registry import Param, register
-from benchmarks.subsets import class_quotas, subset_size
+from benchmarks.subsets import StaticSubset, class_quotas, subset_size
 from benchmarks.train import RunContext
 from methods.scores import FRACTION, early_epoch, embedding_pass, resolve_score_epoch, train_proxy
 
@@ -69,7 +68,7 @@ def herding(x: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
-class EmbeddingCoreset(Method):
+class EmbeddingCoreset(StaticSubset):
     """Shared by the geometric coresets: one proxy, its embeddings, a greedy pick per class."""
 
     params = {
@@ -77,11 +76,6 @@ class EmbeddingCoreset(Method):
         "class_balanced": Param(True, "pick within each class, keeping its share (DeepCore's default)"),
         "score_epoch": Param(-1, "proxy epochs before embedding; -1 = 10% of the protocol's", low=-1),
     }
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.subset: torch.Tensor | None = None
-        self.stats: dict = {}
 
     def greedy(self, x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -119,17 +113,6 @@ class EmbeddingCoreset(Method):
         greedy = sum(2 * len(members) * feature_dim * quota for members, quota in self.groups(labels))
         return forward_flops * n * (3 * self.resolved_epoch(protocol) + 1) + greedy
 
-    def plan_epoch(self, epoch: int) -> EpochPlan:
-        return EpochPlan(self.subset)
-
-    def summary(self) -> dict:
-        return dict(self.stats)
-
-    def state_dict(self) -> dict:
-        return {"subset": self.subset, "stats": dict(self.stats)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.subset, self.stats = state["subset"], dict(state["stats"])
 
 
 @register("kcenter")

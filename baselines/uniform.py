@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from benchmarks.hooks import EpochPlan, Method
 from benchmarks.registry import Param, register
-from benchmarks.subsets import class_balanced_random_subset, random_subset, subset_size
+from benchmarks.subsets import StaticSubset, class_balanced_random_subset, random_subset, subset_size
 
 FRACTION = Param(0.5, "share of the training set kept", low=0.0, high=1.0, low_open=True)
 
 
 @register("uniform")
-class Uniform(Method):
+class Uniform(StaticSubset):
     """A static random subset of round(fraction * N) examples, drawn once from the run's seed."""
 
     params = {"fraction": FRACTION,
@@ -24,15 +24,6 @@ class Uniform(Method):
             self.subset = class_balanced_random_subset(labels, k, generator)
         else:
             self.subset = random_subset(len(labels), k, generator)
-
-    def plan_epoch(self, epoch: int) -> EpochPlan:
-        return EpochPlan(self.subset)
-
-    def state_dict(self) -> dict:
-        return {"subset": self.subset}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.subset = state["subset"]
 
 
 @register("uniform-epoch")

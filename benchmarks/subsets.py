@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .hooks import EpochPlan, Method
+
 
 def subset_size(n: int, fraction: float) -> int:
     """round(fraction * n), at least 1: the number of examples a static subset keeps."""
@@ -32,3 +34,28 @@ def class_balanced_random_subset(labels: torch.Tensor, k: int, generator: torch.
         members = (labels == cls).nonzero().flatten()
         chosen.append(members[torch.randperm(len(members), generator=generator)[:quota]])
     return torch.cat(chosen).sort().values
+
+
+class StaticSubset(Method):
+    """A method that chooses one subset in `prepare` and trains on it every epoch.
+
+    Subclasses set `self.subset` (sorted original indices) and `self.stats` (for the record's
+    method_stats); both are checkpointed, since `prepare` does not run again on resume.
+    """
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.subset: torch.Tensor | None = None
+        self.stats: dict = {}
+
+    def plan_epoch(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.subset)
+
+    def summary(self) -> dict:
+        return dict(self.stats)
+
+    def state_dict(self) -> dict:
+        return {"subset": self.subset, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.subset, self.stats = state["subset"], dict(state["stats"])

@@ -66,11 +66,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.errors import BenchError
-from benchmarks.hooks import EpochPlan, Method
+from benchmarks.hooks import Method
 from benchmarks.protocol import Protocol
 from benchmarks.record import atomic_write_bytes
 from benchmarks.registry import Param, register
-from benchmarks.subsets import class_quotas, subset_size
+from benchmarks.subsets import StaticSubset, class_quotas, subset_size
 from benchmarks.train import RunContext, Trainer
 
 from .pergrad import last_layer_grad_norms, per_example_grad_norms
@@ -371,16 +371,11 @@ def _epoch_param(default: int, what: str) -> Param:
     return Param(default, what, low=-1)
 
 
-class ScoreSelection(Method):
+class ScoreSelection(StaticSubset):
     """Shared by the score methods: average scores over proxy runs, keep a static subset."""
 
     score_kind = ""
     params = {}
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.subset: torch.Tensor | None = None
-        self.stats: dict = {}
 
     def resolved_epoch(self, protocol: Protocol) -> int:
         return resolve_score_epoch(self.hparams["score_epoch"], protocol, SCORE_KINDS[self.score_kind].auto_epoch)
@@ -409,17 +404,6 @@ class ScoreSelection(Method):
     def extra_stats(self, extra: list[dict]) -> dict:
         return {}
 
-    def plan_epoch(self, epoch: int) -> EpochPlan:
-        return EpochPlan(self.subset)
-
-    def summary(self) -> dict:
-        return dict(self.stats)
-
-    def state_dict(self) -> dict:
-        return {"subset": self.subset, "stats": dict(self.stats)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.subset, self.stats = state["subset"], dict(state["stats"])
 
     def predicted_selection_flops(self, protocol: Protocol, labels: torch.Tensor, forward_flops: int,
                                   feature_dim: int = 0) -> int:
