@@ -134,23 +134,28 @@ def available_protocols() -> list[str]:
     return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
 
 
-def protocol_path(name_or_path: str) -> Path:
+def find_toml(name_or_path: str, folder: Path, kind: str) -> Path:
+    """A .toml path as given, or `<folder>/<name>.toml` for a built-in name."""
     candidate = Path(name_or_path)
     if candidate.suffix == ".toml" and candidate.exists():
         return candidate
-    builtin = PROTOCOL_DIR / f"{name_or_path}.toml"
+    builtin = folder / f"{name_or_path}.toml"
     if builtin.exists():
         return builtin
-    raise BenchError(f"unknown protocol '{name_or_path}' (available: {', '.join(available_protocols())})")
+    known = ", ".join(sorted(p.stem for p in folder.glob("*.toml")))
+    raise BenchError(f"unknown {kind} '{name_or_path}' (a .toml path, or one of: {known})")
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_protocol(name_or_path: str) -> Protocol:
-    path = protocol_path(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise BenchError(f"{path}: not valid TOML: {exc}") from None
-    return protocol_from_dict(data, str(path))
+    path = find_toml(name_or_path, PROTOCOL_DIR, "protocol")
+    return protocol_from_dict(read_toml(path), str(path))
 
 
 def parse_value(text: str) -> Any:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BenchError
-from .protocol import parse_value, tomllib
+from .protocol import find_toml, parse_value, read_toml
 from .record import RecordError, atomic_write_bytes, load_record, record_path
 from .registry import method_class, resolve_params
 from .run import RunSpec, checkpoint_path, run_id
@@ -57,24 +57,10 @@ def _check_keys(table: dict, allowed: set, where: str) -> None:
         raise BenchError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
 
 
-def sweep_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".toml" and path.exists():
-        return path
-    builtin = SWEEP_DIR / f"{name_or_path}.toml"
-    if builtin.exists():
-        return builtin
-    known = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.toml")))
-    raise BenchError(f"no sweep spec '{name_or_path}' (a .toml path, or one of: {known})")
-
-
 def load_sweep(name_or_path: str, extra_overrides: dict | None = None) -> Sweep:
-    path = sweep_path(name_or_path)
+    path = find_toml(name_or_path, SWEEP_DIR, "sweep spec")
     where = str(path)
-    try:
-        spec = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise BenchError(f"{where}: not valid TOML: {exc}") from None
+    spec = read_toml(path)
     _check_keys(spec, SPEC_KEYS, where)
     for key in ("name", "protocol", "seeds", "methods"):
         if key not in spec:
