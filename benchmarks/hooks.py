@@ -64,6 +64,8 @@ class Method:
     params: ClassVar[dict[str, Param]] = {}
     # Set by a subclass that replaces the per-example loss: callable(model, batch) -> (loss[B], logits[B, C]).
     objective: Any = None
+    # Online selection: the trainer draws candidate batches of candidate_multiplier x batch_size for `select`.
+    candidate_multiplier: ClassVar[int] = 1
 
     def __init__(self, **params: Any):
         self.hparams = params

@@ -206,7 +206,7 @@ class Trainer:
         progress = self.partial if self.partial is not None and self.partial.epoch == epoch \
             else self._begin_epoch(epoch)
         self.partial = None
-        batch_size = protocol.batch_size * getattr(self.method, "candidate_multiplier", 1)
+        batch_size = protocol.batch_size * self.method.candidate_multiplier
         steps_this_epoch = -(-len(progress.order) // batch_size)
         generator = torch.Generator().set_state(progress.augment_rng)
         first = progress.steps_done * batch_size
