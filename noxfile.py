@@ -25,7 +25,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(**VENV)
 def lint(session: nox.Session) -> None:
     install(session, "[dev]")
-    session.run("ruff", "check", "benchmarks", "methods", "baselines", "tests", "noxfile.py")
+    session.run("ruff", "check", "benchmarks", "methods", "baselines", "tests", "noxfile.py", external=True)
 
 
 @nox.session(name="bench-fashion", **VENV)
