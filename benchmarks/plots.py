@@ -41,8 +41,26 @@ def _label(method: str, setting: str) -> str:
     return method if setting == "-" else f"{method} ({setting})"
 
 
+def _varying_settings(summary) -> dict:
+    """Per (method, setting): only the parameters whose values differ between that method's rows.
+
+    Full settings (every default spelled out) bury the points; the legend names the method, and a
+    point needs only what tells it apart from the method's other points.
+    """
+    short = {}
+    for method, group in summary.groupby("method"):
+        items = {setting: dict(part.split("=", 1) for part in setting.split(", ") if "=" in part)
+                 for setting in group["setting"]}
+        keys = sorted({k for kv in items.values() for k in kv})
+        varying = [k for k in keys if len({kv.get(k) for kv in items.values()}) > 1]
+        for setting, kv in items.items():
+            short[(method, setting)] = ", ".join(f"{k}={kv[k]}" for k in varying if k in kv)
+    return short
+
+
 def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
     summary = section.summary.dropna(subset=["acc_mean", "fraction"])
+    short = _varying_settings(summary)
     methods = sorted(summary["method"].unique())
     colours = _colours(methods)
     fig = Figure(figsize=(6.4, 4.4))
@@ -54,8 +72,8 @@ def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
         ax.errorbar(saved, 100 * row.acc_mean, yerr=std, fmt="o", capsize=3, color=colours[row.method],
                     label=None if row.method in seen else row.method)
         seen.add(row.method)
-        if row.setting != "-":
-            ax.annotate(row.setting, (saved, 100 * row.acc_mean), textcoords="offset points", xytext=(4, 4),
+        if short.get((row.method, row.setting)):
+            ax.annotate(short[(row.method, row.setting)], (saved, 100 * row.acc_mean), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color=colours[row.method])
     if section.full_mean == section.full_mean:  # not NaN
         ax.axhline(100 * section.full_mean, color="grey", linestyle="--", linewidth=1,
