@@ -54,6 +54,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quick(overrides: dict, protocol: str, quick: bool) -> dict:
+    """--quick: a tenth of the protocol's epochs (a check that everything runs, not a result)."""
+    if not quick or "epochs" in overrides:
+        return overrides
+    from .protocol import load_protocol
+
+    return dict(overrides, epochs=max(1, load_protocol(protocol).epochs // 10))
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Every method (default: all registered) at its default settings, for each seed, then the table."""
     import time
@@ -63,9 +72,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .run import RunSpec, execute
 
     protocol = load_protocol(args.protocol)
-    overrides = parse_assignments(args.set, "--set")
-    if args.quick:  # a tenth of the epochs: a check that everything runs, not a result
-        overrides.setdefault("epochs", max(1, protocol.epochs // 10))
+    overrides = _quick(parse_assignments(args.set, "--set"), args.protocol, args.quick)
     methods = args.methods.split(",") if args.methods else list(list_methods())
     for name in methods:
         method_class(name)  # unknown names fail before anything runs
@@ -100,12 +107,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import load_sweep, parse_slurm_options, run_local, submit_slurm, sweep_status, write_manifest
 
     overrides = parse_assignments(args.set, "--set")
-    sweep = load_sweep(args.spec, overrides)
     if args.quick:
-        from .protocol import load_protocol
-
-        sweep = load_sweep(args.spec, dict(overrides, epochs=overrides.get(
-            "epochs", max(1, load_protocol(sweep.protocol).epochs // 10))))
+        overrides = _quick(overrides, load_sweep(args.spec).protocol, True)
+    sweep = load_sweep(args.spec, overrides)
     manifest, lines = write_manifest(sweep, args.out)
     os.environ["BENCH_WANDB"] = args.wandb  # tasks inherit it: sbatch exports the environment
     states = sweep_status(manifest)

@@ -206,8 +206,8 @@ def run_local(manifest: Path, indices: list[int], jobs: int = 1, log=print) -> d
             log_file.close()
             del running[index]
             done += 1
-            state, detail = run_state(read_manifest_line(manifest, index))
             line = read_manifest_line(manifest, index)
+            state, detail = run_state(line)
             log(f"[{done}/{len(indices)}] {state:<9} {line['method']} {line['params']} seed {line['seed']} "
                 f"({time.perf_counter() - t0:.0f} s) {detail}")
         time.sleep(0.2)
