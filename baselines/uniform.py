@@ -31,6 +31,7 @@ class UniformEpoch(Method):
     """A fresh random subset of round(fraction * N) examples every epoch."""
 
     params = {"fraction": FRACTION}
+    headline_params = ("fraction",)
 
     def plan_epoch(self, epoch: int) -> EpochPlan:
         n = self.ctx.num_train

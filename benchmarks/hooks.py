@@ -66,6 +66,8 @@ class Method:
     objective: Any = None
     # Online selection: the trainer draws candidate batches of candidate_multiplier x batch_size for `select`.
     candidate_multiplier: ClassVar[int] = 1
+    # Parameters a table always names, even at their defaults (what a reader compares rows by).
+    headline_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
         self.hparams = params

@@ -37,30 +37,28 @@ def _colours(labels: list[str]) -> dict[str, tuple]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
-def _label(method: str, setting: str) -> str:
-    return method if setting == "-" else f"{method} ({setting})"
+def _label(method: str, label: str) -> str:
+    return method if label in ("-", "defaults") else f"{method} ({label})"
 
 
-def _varying_settings(summary) -> dict:
-    """Per (method, setting): only the parameters whose values differ between that method's rows.
+def _point_labels(summary) -> dict:
+    """Per (method, setting): only the shown parameters whose values differ between the method's points.
 
-    Full settings (every default spelled out) bury the points; the legend names the method, and a
-    point needs only what tells it apart from the method's other points.
+    The legend names the method; a point needs only what tells it apart from the method's other
+    points (a parameter every point shares, such as score_runs=2, would only crowd the plot).
     """
-    short = {}
+    labels = {}
     for method, group in summary.groupby("method"):
-        items = {setting: dict(part.split("=", 1) for part in setting.split(", ") if "=" in part)
-                 for setting in group["setting"]}
-        keys = sorted({k for kv in items.values() for k in kv})
-        varying = [k for k in keys if len({kv.get(k) for kv in items.values()}) > 1]
-        for setting, kv in items.items():
-            short[(method, setting)] = ", ".join(f"{k}={kv[k]}" for k in varying if k in kv)
-    return short
+        keys = {k for shown in group["shown"] for k in shown}
+        varying = sorted(k for k in keys if len({repr(shown.get(k)) for shown in group["shown"]}) > 1)
+        for row in group.itertuples():
+            labels[(method, row.setting)] = ", ".join(f"{k}={row.shown[k]}" for k in varying if k in row.shown)
+    return labels
 
 
 def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
     summary = section.summary.dropna(subset=["acc_mean", "fraction"])
-    short = _varying_settings(summary)
+    short = _point_labels(summary)
     methods = sorted(summary["method"].unique())
     colours = _colours(methods)
     fig = Figure(figsize=(6.4, 4.4))
@@ -88,7 +86,7 @@ def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
 
 def accuracy_curves(section: Section, out: Path) -> list[Path]:
     runs = section.runs.sort_values(["method", "setting", "seed"])
-    labels = list(dict.fromkeys(_label(m, s) for m, s in zip(runs["method"], runs["setting"])))
+    labels = list(dict.fromkeys(_label(m, s) for m, s in zip(runs["method"], runs["label"])))
     colours = _colours(labels)
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
@@ -98,7 +96,7 @@ def accuracy_curves(section: Section, out: Path) -> list[Path]:
                   if "test_acc" in row and "flops" in row]
         if not points or not run.full_flops or run.full_flops != run.full_flops:
             continue
-        label = _label(run.method, run.setting)
+        label = _label(run.method, run.label)
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker=".", linewidth=1, color=colours[label], label=None if label in seen else label)
         seen.add(label)

@@ -6,7 +6,10 @@ share of that compute spent choosing data, wall-clock, and the compute needed to
 accuracy (the full-data mean minus a tolerance), read off each run's curve.
 
 A table is built per section: one protocol with one set of overrides. Rows sort by compute saved,
-most first; the full-data row is among them.
+most first; the full-data row is among them. A row's setting names only the parameters a reader
+needs: those that differ from the method's defaults or between the method's rows (each record keeps
+the full set). Where methods keep a fixed `fraction` of the data at two or more fractions, a second
+table puts them side by side: one row per method, one column per fraction kept.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import BenchError
 from .record import load_records
 
 FULL_METHOD = "full"
@@ -27,7 +31,7 @@ _EPS = 1e-9  # accuracies are ratios of counts; this only absorbs float rounding
 
 RUN_COLUMNS = ["protocol", "overrides", "budget", "selection_rule", "method", "setting", "seed", "test_acc",
                "worst_group_acc", "fraction", "selection_share", "full_flops", "wall_clock_s", "scores_cached",
-               "curve", "run_id", "path"]
+               "curve", "run_id", "path", "params"]
 
 
 def params_label(params: dict) -> str:
@@ -63,6 +67,7 @@ def _run_row(r: dict) -> dict:
         "full_flops": _number(compute.get("full_flops")), "wall_clock_s": _number(r.get("wall_clock_s")),
         "scores_cached": bool(stats.get("scores_cached")) if isinstance(stats, dict) else False,
         "curve": curve, "run_id": str(r["run_id"]), "path": r.get("_path") or r["run_id"],
+        "params": dict(r["params"]),
     }
 
 
@@ -144,7 +149,9 @@ class Section:
         notes = [f"Budget: {budget}.", f"Reported: {reported}.",
                  "Compute fraction = (train + selection FLOPs) / FLOPs of the full-data run (computed, not run); "
                  "evaluation passes excluded. Selection share = the part of it spent choosing data. "
-                 "Rows sorted by compute saved, most first."]
+                 "Rows sorted by compute saved, most first.",
+                 "Setting = the method's headline parameter and those that differ from its defaults or between its rows "
+                 "(each run record holds them all)."]
         if self.target is None:
             notes.append("No full-data run: no target accuracy, so no compute to target.")
         else:
@@ -158,9 +165,47 @@ class Section:
         return notes
 
 
+def _method_defaults(method: str) -> tuple[dict, tuple[str, ...]] | None:
+    """A method's registered defaults and headline parameters; None for a method this checkout lacks."""
+    from .registry import method_class  # the registry imports torch; only tables of known methods need it
+
+    try:
+        cls = method_class(method)
+    except BenchError:
+        return None
+    return {name: param.default for name, param in cls.params.items()}, cls.headline_params
+
+
+def shown_params(runs: pd.DataFrame) -> dict[tuple[str, str], dict]:
+    """Per (method, setting): the method's headline parameters (such as `fraction`) and those that
+    differ from its defaults or between its rows.
+
+    Every default spelled out buries what a row is about (ten parameters for one fraction); a method
+    unknown to this checkout shows everything, since its defaults cannot be told.
+    """
+    shown = {}
+    for method, group in runs.groupby("method", sort=False):
+        settings = dict(zip(group["setting"], group["params"]))
+        known = _method_defaults(method)
+        defaults, headline = known if known is not None else ({}, ())
+        keys = sorted({k for params in settings.values() for k in params})
+        always = set(headline) | {k for k in keys if len({repr(params.get(k)) for params in settings.values()}) > 1}
+        for setting, params in settings.items():
+            shown[(method, setting)] = {k: v for k, v in sorted(params.items())
+                                        if known is None or k in always or k not in defaults or defaults[k] != v}
+    return shown
+
+
+def setting_label(method_params: dict, shown: dict) -> str:
+    if not method_params:
+        return "-"
+    return params_label(shown) if shown else "defaults"
+
+
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, setting): mean/std (ddof=1)/n over seeds, sorted by compute saved, most first."""
     summary = runs.groupby(["method", "setting"], sort=False).agg(
+        params=("params", "first"), label=("label", "first"), shown=("shown", "first"),
         n=("seed", "count"), acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
         wg_mean=("worst_group_acc", "mean"), wg_std=("worst_group_acc", "std"),
         fraction=("fraction", "mean"), selection_share=("selection_share", "mean"),
@@ -178,6 +223,9 @@ def build_sections(records: list[dict], problems: list[str] | None = None,
         full_mean = float(full.mean()) if len(full) else float("nan")
         target = full_mean - tolerance if len(full) else None
         runs = runs.assign(to_target=[compute_to_target(c, target, f) for c, f in zip(runs["curve"], runs["full_flops"])])
+        shown = shown_params(runs)
+        runs = runs.assign(shown=[shown[(m, s)] for m, s in zip(runs["method"], runs["setting"])])
+        runs = runs.assign(label=[setting_label(p, sh) for p, sh in zip(runs["params"], runs["shown"])])
         summary = summarise(runs)
         summary["delta_vs_full"] = summary["acc_mean"] - full_mean
         sections.append(Section(protocol, overrides, budget, runs, summary, full_mean, target, tolerance,
@@ -198,7 +246,7 @@ def _mean_std(mean: float, std: float, plus_minus: str = "±") -> str:
 
 
 def _cells(section: Section, row, plus_minus: str = "±") -> list[str]:
-    cells = [row.method, row.setting, str(row.n), _mean_std(row.acc_mean, row.acc_std, plus_minus)]
+    cells = [row.method, row.label, str(row.n), _mean_std(row.acc_mean, row.acc_std, plus_minus)]
     if section.has_groups:
         cells.append(_mean_std(row.wg_mean, row.wg_std, plus_minus))
     cells += ["" if pd.isna(row.delta_vs_full) else f"{100 * row.delta_vs_full:+.2f}",
@@ -218,15 +266,60 @@ def _headers(section: Section) -> list[str]:
                       "compute to target", "reached"]
 
 
-def markdown_section(section: Section) -> str:
+FRACTION_PARAM = "fraction"
+
+
+def fraction_grid(section: Section) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """Methods that keep a fixed `fraction` of the data, side by side: (headers, rows, notes).
+
+    One row per method and its other shown parameters, one column per fraction kept (largest first);
+    None unless some row has two or more fractions.
+    """
+    summary = section.summary[[FULL_METHOD != m and isinstance(p.get(FRACTION_PARAM), float)
+                               for m, p in zip(section.summary["method"], section.summary["params"])]]
+    grid: dict[tuple[bool, str], dict[float, object]] = {}  # (not uniform, row name): uniform rows first
+    for row in summary.itertuples():
+        others = params_label({k: v for k, v in row.shown.items() if k != FRACTION_PARAM})
+        name = row.method if others == "-" else f"{row.method} ({others})"
+        grid.setdefault((row.method != "uniform", name), {})[row.params[FRACTION_PARAM]] = row
+    if not any(len(cells) >= 2 for cells in grid.values()):
+        return None
+    fractions = sorted({f for cells in grid.values() for f in cells}, reverse=True)
+    usual_n = int(summary["n"].max())
+
+    def cell(row) -> str:
+        if row is None:
+            return ""
+        text = f"{_mean_std(row.acc_mean, row.acc_std)} [{row.fraction:.2f}]"
+        return text if row.n == usual_n else f"{text} n={row.n}"
+
+    headers = ["method"] + [f"kept {f:g}" for f in fractions]
+    rows = [[name] + [cell(cells.get(f)) for f in fractions] for (_, name), cells in sorted(grid.items())]
+    notes = [f"Cells: test acc % (mean ± std over {usual_n} seeds unless n says otherwise) "
+             "[compute fraction, scoring and proxy training included]; kept = fraction of the training set."]
+    if section.target is not None:
+        full = section.summary[section.summary["method"] == FULL_METHOD].iloc[0]
+        notes.append(f"Full data: {_mean_std(full.acc_mean, full.acc_std)} (n={full.n}) [1.00].")
+    return headers, rows, notes
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]], text_columns: int) -> list[str]:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    headers = _headers(section)
-    lines = [f"### {section.title}", "", line(headers), "|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|"]
-    lines += [line(_cells(section, row)) for row in section.summary.itertuples()]
-    lines.append("")
+    rule = "|" + "|".join(["---"] * text_columns + ["---:"] * (len(headers) - text_columns)) + "|"
+    return [line(headers), rule] + [line(cells) for cells in rows]
+
+
+def markdown_section(section: Section) -> str:
+    rows = [_cells(section, row) for row in section.summary.itertuples()]
+    lines = [f"### {section.title}", "", *_markdown_table(_headers(section), rows, 2), ""]
     lines += [f"- {note}" for note in section.notes()]
+    grid = fraction_grid(section)
+    if grid is not None:
+        headers, rows, notes = grid
+        lines += ["", f"#### {section.title}: by fraction kept", "", *_markdown_table(headers, rows, 1), ""]
+        lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -241,29 +334,37 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text).replace("$$", "")
 
 
-def latex_section(section: Section) -> str:
-    headers = _headers(section)
-    rows = []
-    for row in section.summary.itertuples():
-        cells = [latex_escape(c) for c in _cells(section, row)]
-        rows.append(" & ".join(cells) + r" \\")
-    notes = " ".join(latex_escape(n) for n in section.notes())
-    label = re.sub(r"[^A-Za-z0-9-]+", "-", section.slug)
+def _latex_table(caption: str, label: str, headers: list[str], rows: list[list[str]], notes: list[str],
+                 text_columns: int) -> str:
     return "\n".join([
         r"\begin{table}[ht]", r"\centering", r"\small",
-        rf"\caption{{{latex_escape(section.title)}: test accuracy (mean $\pm$ std over seeds) and compute.}}",
+        rf"\caption{{{caption}}}",
         rf"\label{{tab:{label}}}",
-        r"\begin{tabular}{ll" + "r" * (len(headers) - 2) + "}",
+        r"\begin{tabular}{" + "l" * text_columns + "r" * (len(headers) - text_columns) + "}",
         r"\toprule",
         " & ".join(latex_escape(h) for h in headers) + r" \\",
         r"\midrule",
-        *rows,
+        *(" & ".join(latex_escape(c) for c in cells) + r" \\" for cells in rows),
         r"\bottomrule",
         r"\end{tabular}",
         r"\par\smallskip",
-        rf"\parbox{{\linewidth}}{{\footnotesize {notes}}}",
+        rf"\parbox{{\linewidth}}{{\footnotesize {' '.join(latex_escape(n) for n in notes)}}}",
         r"\end{table}",
     ]) + "\n"
+
+
+def latex_section(section: Section) -> str:
+    label = re.sub(r"[^A-Za-z0-9-]+", "-", section.slug)
+    title = latex_escape(section.title)
+    text = _latex_table(rf"{title}: test accuracy (mean $\pm$ std over seeds) and compute.", label,
+                        _headers(section), [_cells(section, row) for row in section.summary.itertuples()],
+                        section.notes(), 2)
+    grid = fraction_grid(section)
+    if grid is not None:
+        headers, rows, notes = grid
+        text += "\n" + _latex_table(rf"{title}: test accuracy by fraction of the data kept.", f"{label}-by-fraction",
+                                    headers, rows, notes, 1)
+    return text
 
 
 def _per_protocol(sections: list[Section], render, separator: str) -> dict[str, str]:

@@ -43,6 +43,8 @@ class StaticSubset(Method):
     method_stats); both are checkpointed, since `prepare` does not run again on resume.
     """
 
+    headline_params = ("fraction",)
+
     def __init__(self, **params):
         super().__init__(**params)
         self.subset: torch.Tensor | None = None

@@ -78,6 +78,7 @@ def plan_from_scores(scores: torch.Tensor, prune_ratio: float,
 class InfoBatch(Method):
     """Skip a random share prune_ratio of the below-mean-loss examples per epoch, reweight the rest; anneal."""
 
+    headline_params = ("prune_ratio",)
     params = {
         "prune_ratio": Param(0.5, "probability of skipping each below-mean-loss example in an epoch",
                              low=0.0, high=1.0, high_open=True),

@@ -54,12 +54,13 @@ EXPECTED_TOY = """\
 | method | setting | n | test acc % (mean ± std) | Δ vs full (pp) | compute fraction | selection share % | wall-clock s | compute to target | reached |
 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|
 | toyscore | fraction=0.3 | 1 | 70.00 | -21.00 | 0.450 | 33.3 | 3.0 |  | 0/1 |
-| uniform | class_balanced=False, fraction=0.5 | 3 | 88.00 ± 3.00 | -3.00 | 0.500 | 0.0 | 6.0 | 0.500 | 1/3 |
+| uniform | fraction=0.5 | 3 | 88.00 ± 3.00 | -3.00 | 0.500 | 0.0 | 6.0 | 0.500 | 1/3 |
 | full | - | 2 | 91.00 ± 1.41 | +0.00 | 1.000 | 0.0 | 11.0 | 0.750 | 2/2 |
 
 - Budget: epochs (a subset gets fewer steps).
 - Reported: the last epoch (no model selection on the test set).
 - Compute fraction = (train + selection FLOPs) / FLOPs of the full-data run (computed, not run); evaluation passes excluded. Selection share = the part of it spent choosing data. Rows sorted by compute saved, most first.
+- Setting = the method's headline parameter and those that differ from its defaults or between its rows (each run record holds them all).
 - Compute to target = compute fraction at the first evaluated epoch with test acc >= 90.00% (full-data mean 91.00% - 1.00 pp), mean over the seeds that reach it; reached = seeds reaching it / seeds.
 - Some runs reused cached scores: their scoring cost is still charged to each run as selection compute.
 """
@@ -105,6 +106,48 @@ def test_compute_to_target_from_hand_made_curves():
     assert math.isnan(compute_to_target(curve, None, 1000))  # no full-data run, no target
 
 
+def test_setting_names_headline_non_default_and_varying_parameters(tmp_path):
+    """uniform: fraction is its headline (shown at the default 0.5 too), class_balanced at its default is
+    hidden; el2n: score_runs=2 is not its default, mode varies between its rows, ccs_beta never shows."""
+    el2n = {"fraction": 0.5, "mode": "hardest", "offset": 0.0, "class_balanced": False, "ccs_beta": 0.3,
+            "score_runs": 2, "score_epoch": -1}
+    write(tmp_path, "u0", "uniform", UNIFORM, 0, 0.8, 0.5, 1, [])
+    write(tmp_path, "e0", "el2n", el2n, 0, 0.8, 0.8, 1, [])
+    write(tmp_path, "e1", "el2n", dict(el2n, mode="easiest"), 0, 0.7, 0.8, 1, [])
+    write(tmp_path, "t0", "toyscore", {"fraction": 0.3, "knob": 1}, 0, 0.7, 0.45, 1, [])  # unknown: all shown
+    (section,), _ = sections_of(tmp_path)
+    labels = dict(zip(section.summary["method"] + "/" + section.summary["acc_mean"].astype(str), section.summary["label"]))
+    assert labels == {"uniform/0.8": "fraction=0.5", "el2n/0.8": "fraction=0.5, mode=hardest, score_runs=2",
+                      "el2n/0.7": "fraction=0.5, mode=easiest, score_runs=2", "toyscore/0.7": "fraction=0.3, knob=1"}
+
+
+def test_fraction_grid_puts_fractions_side_by_side(tmp_path):
+    """Rows: uniform first, then each method with its non-fraction shown parameters; columns: the
+    fractions kept, largest first; n shown where it differs from the usual number of seeds."""
+    write(tmp_path, "f0", "full", {}, 0, 0.90, 1.0, 1, [])
+    write(tmp_path, "f1", "full", {}, 1, 0.92, 1.0, 1, [])
+    for seed, (a9, a3) in enumerate([(0.88, 0.80), (0.86, 0.84)]):
+        write(tmp_path, f"u9{seed}", "uniform", {"fraction": 0.9}, seed, a9, 0.9, 1, [])
+        write(tmp_path, f"u3{seed}", "uniform", {"fraction": 0.3}, seed, a3, 0.3, 1, [])
+    write(tmp_path, "k9", "kcenter", {"fraction": 0.9}, 0, 0.89, 0.95, 1, [], selection_share=0.05)
+    sections, _ = sections_of(tmp_path)
+    text = markdown_tables(sections)["toy"]
+    grid = text[text.index("#### toy: by fraction kept"):]
+    assert grid.splitlines()[2:6] == [
+        "| method | kept 0.9 | kept 0.3 |",
+        "|---|---:|---:|",
+        "| uniform | 87.00 ± 1.41 [0.90] | 82.00 ± 2.83 [0.30] |",
+        "| kcenter | 89.00 [0.95] n=1 |  |",
+    ]
+    assert "- Full data: 91.00 ± 1.41 (n=2) [1.00]." in grid
+    assert "by fraction" in latex_tables(sections)["toy"]
+
+
+def test_no_fraction_grid_without_a_method_at_two_fractions(results):
+    sections, _ = sections_of(results)
+    assert "by fraction kept" not in markdown_tables(sections)["toy"]
+
+
 def test_groups_selection_rule_and_no_full_run(tmp_path):
     write(tmp_path, "g0", "jtt", {"up": 5}, 0, 0.90, 1.2, 4, [(1, 600, 0.9)], protocol="birds", worst_group=0.70,
           rule="best-val-worst-group")
@@ -138,7 +181,7 @@ def test_latex_is_booktabs_with_escaped_text(results):
     for command in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{llrrrrrrrr}", r"\end{table}"):
         assert command in body
     assert body.index(r"\toprule") < body.index(r"\midrule") < body.index(r"\bottomrule")
-    assert r"uniform & class\_balanced=False, fraction=0.5 & 3 & 88.00 $\pm$ 3.00 & -3.00 & 0.500" in body
+    assert r"uniform & fraction=0.5 & 3 & 88.00 $\pm$ 3.00 & -3.00 & 0.500" in body
     assert not re.search(r"(?<!\\)[_%&#]", body.replace(" & ", " ")), "unescaped special character"
     assert body.count("{") == body.count("}")
     assert "±" not in body and "Δ" not in body

@@ -67,6 +67,21 @@ def test_spec_expands_to_the_cartesian_product(tmp_path):
     assert compress_indices([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and compress_indices([3]) == "3"
 
 
+@pytest.mark.parametrize("spec", sorted(p.stem for p in (REPO / "benchmarks" / "sweeps").glob("*.toml")))
+def test_built_in_specs_load_with_valid_methods_and_parameters(spec):
+    sweep = load_sweep(spec)  # checks keys, method names and every parameter against its range
+    assert sweep.runs and len({(r.method, tuple(sorted(r.params.items())), r.seed) for r in sweep.runs}) == len(sweep.runs)
+
+
+def test_fashion_pruning_spec_covers_the_static_pruning_grid():
+    sweep = load_sweep("fashion-pruning")
+    kept = {(r.method, r.params.get("fraction"), r.seed) for r in sweep.runs}
+    for method in ("uniform", "el2n", "grand", "forgetting", "ccs", "kcenter", "herding"):
+        for fraction in (0.9, 0.7, 0.5, 0.3):
+            assert {(method, fraction, 0), (method, fraction, 1)} <= kept
+    assert {("full", None, 0), ("full", None, 1)} <= kept and len(sweep.runs) == 58
+
+
 @pytest.mark.parametrize("change, message", [
     (("name = \"full\"", "name = \"fulll\""), "unknown method 'fulll'"),
     (("seeds = [0, 1]", "seeds = [0, 1]\nseed = 3"), "unknown key 'seed'"),
