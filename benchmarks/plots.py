@@ -3,7 +3,9 @@
 - <slug>-accuracy-vs-saved: test accuracy against compute saved (1 - fraction), one point per method
   setting with std error bars over seeds, the full-data mean as a horizontal line;
 - <slug>-curves: test accuracy against compute spent (fraction of the full-data run) along training,
-  one line per run, one colour per method setting.
+  one line per run, one colour per method setting;
+- <slug>-accuracy-vs-kept (when methods keeping a fixed fraction ran at two or more fractions): test
+  accuracy against the fraction of the training set kept, one line per method.
 
 Figures are drawn with matplotlib's object API (no pyplot, no global backend switch) and saved
 without timestamps, so regenerating unchanged data gives unchanged files.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .report import Section
+from .report import Section, fraction_rows
 
 FORMATS = ("png", "pdf")
 _METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
@@ -111,6 +113,29 @@ def accuracy_curves(section: Section, out: Path) -> list[Path]:
     return _save(fig, out, f"{section.slug}-curves")
 
 
+def accuracy_vs_kept(section: Section, out: Path) -> list[Path]:
+    rows = fraction_rows(section)
+    colours = _colours(list(rows))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    for name, cells in rows.items():
+        points = sorted((f, row) for f, row in cells.items() if row.acc_mean == row.acc_mean)
+        kept = [100 * f for f, _ in points]
+        acc = [100 * row.acc_mean for _, row in points]
+        std = [0.0 if row.acc_std != row.acc_std else 100 * row.acc_std for _, row in points]
+        ax.errorbar(kept, acc, yerr=std, marker="o", capsize=3, linewidth=1, color=colours[name], label=name,
+                    linestyle="--" if name.startswith("uniform") else "-")
+    if section.full_mean == section.full_mean:
+        ax.axhline(100 * section.full_mean, color="grey", linestyle=":", linewidth=1,
+                   label=f"full data ({100 * section.full_mean:.2f}%)")
+    ax.set_xlabel("training set kept, %")
+    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+    ax.set_title(f"{section.title}: accuracy vs data kept (budget: {section.budget})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out, f"{section.slug}-accuracy-vs-kept")
+
+
 def write_plots(sections: list[Section], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,4 +143,6 @@ def write_plots(sections: list[Section], out: str | Path) -> list[Path]:
     for section in sections:
         written += accuracy_vs_saved(section, out)
         written += accuracy_curves(section, out)
+        if fraction_rows(section) is not None:
+            written += accuracy_vs_kept(section, out)
     return written

@@ -269,23 +269,31 @@ def _headers(section: Section) -> list[str]:
 FRACTION_PARAM = "fraction"
 
 
-def fraction_grid(section: Section) -> tuple[list[str], list[list[str]], list[str]] | None:
-    """Methods that keep a fixed `fraction` of the data, side by side: (headers, rows, notes).
+def fraction_rows(section: Section) -> dict[str, dict[float, object]] | None:
+    """Methods that keep a fixed `fraction` of the data: row name -> {fraction kept: summary row}.
 
-    One row per method and its other shown parameters, one column per fraction kept (largest first);
+    A row is a method with its other shown parameters; uniform rows come first, as the reference.
     None unless some row has two or more fractions.
     """
-    summary = section.summary[[FULL_METHOD != m and isinstance(p.get(FRACTION_PARAM), float)
-                               for m, p in zip(section.summary["method"], section.summary["params"])]]
-    grid: dict[tuple[bool, str], dict[float, object]] = {}  # (not uniform, row name): uniform rows first
-    for row in summary.itertuples():
+    grid: dict[tuple[bool, str], dict[float, object]] = {}
+    for row in section.summary.itertuples():
+        if row.method == FULL_METHOD or not isinstance(row.params.get(FRACTION_PARAM), float):
+            continue
         others = params_label({k: v for k, v in row.shown.items() if k != FRACTION_PARAM})
         name = row.method if others == "-" else f"{row.method} ({others})"
         grid.setdefault((row.method != "uniform", name), {})[row.params[FRACTION_PARAM]] = row
     if not any(len(cells) >= 2 for cells in grid.values()):
         return None
+    return {name: cells for (_, name), cells in sorted(grid.items())}
+
+
+def fraction_grid(section: Section) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """fraction_rows as a table: (headers, rows, notes), one column per fraction kept, largest first."""
+    grid = fraction_rows(section)
+    if grid is None:
+        return None
     fractions = sorted({f for cells in grid.values() for f in cells}, reverse=True)
-    usual_n = int(summary["n"].max())
+    usual_n = max(row.n for cells in grid.values() for row in cells.values())
 
     def cell(row) -> str:
         if row is None:
@@ -294,7 +302,7 @@ def fraction_grid(section: Section) -> tuple[list[str], list[list[str]], list[st
         return text if row.n == usual_n else f"{text} n={row.n}"
 
     headers = ["method"] + [f"kept {f:g}" for f in fractions]
-    rows = [[name] + [cell(cells.get(f)) for f in fractions] for (_, name), cells in sorted(grid.items())]
+    rows = [[name] + [cell(cells.get(f)) for f in fractions] for name, cells in grid.items()]
     notes = [f"Cells: test acc % (mean ± std over {usual_n} seeds unless n says otherwise) "
              "[compute fraction, scoring and proxy training included]; kept = fraction of the training set."]
     if section.target is not None:

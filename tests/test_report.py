@@ -141,6 +141,8 @@ def test_fraction_grid_puts_fractions_side_by_side(tmp_path):
     ]
     assert "- Full data: 91.00 ± 1.41 (n=2) [1.00]." in grid
     assert "by fraction" in latex_tables(sections)["toy"]
+    plots = sorted(p.name for p in write_plots(sections, tmp_path / "plots"))
+    assert "toy-accuracy-vs-kept.png" in plots and "toy-accuracy-vs-kept.pdf" in plots
 
 
 def test_no_fraction_grid_without_a_method_at_two_fractions(results):
