@@ -236,5 +236,5 @@ def test_cli_run_list_and_tables(tmp_path):
     cli("run", "--protocol", "smoke", "--method", "full", "--set", "epochs=1", "--out", str(tmp_path))
     cli("run", "--protocol", "smoke", "--method", "uniform", "--set", "epochs=1", "--out", str(tmp_path))
     table = cli("tables", "--runs", str(tmp_path), "--out", str(tmp_path / "tables"))
-    assert "| full | - | 1 |" in table and "| uniform | class_balanced=False, fraction=0.5 | 1 |" in table
+    assert "| full | - | 1 |" in table and "| uniform | fraction=0.5 | 1 |" in table
     assert (tmp_path / "tables" / "smoke.md").exists()
