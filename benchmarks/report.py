@@ -7,8 +7,8 @@ accuracy (the full-data mean minus a tolerance), read off each run's curve.
 
 A table is built per section: one protocol with one set of overrides. Rows sort by compute saved,
 most first; the full-data row is among them. A row's setting names only the parameters a reader
-needs: those that differ from the method's defaults or between the method's rows (each record keeps
-the full set). Where methods keep a fixed `fraction` of the data at two or more fractions, a second
+needs: the method's headline parameter (Method.headline_params) and those that differ from its
+defaults or between its rows (each record keeps the full set). Where methods keep a fixed `fraction` of the data at two or more fractions, a second
 table puts them side by side: one row per method, one column per fraction kept.
 """
 
