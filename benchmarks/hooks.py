@@ -73,6 +73,14 @@ class Method:
         self.hparams = params
         self.ctx: RunContext | None = None
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Checks that span parameters (each alone is checked by its Param); raise BenchError.
+
+        Called when parameters are resolved, so a sweep with an impossible combination fails when it
+        is loaded, not when its job runs.
+        """
+
     def prepare(self, ctx: RunContext) -> None:
         """Work before training (proxy runs, scoring); charge it to ctx.meter as selection."""
 

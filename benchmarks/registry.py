@@ -95,6 +95,7 @@ def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
     resolved = {k: p.default for k, p in cls.params.items()}
     for key, value in given.items():
         resolved[key] = cls.params[key].check(name, key, value)
+    cls.check_params(resolved)
     return resolved
 
 

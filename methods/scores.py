@@ -377,6 +377,19 @@ class ScoreSelection(StaticSubset):
     score_kind = ""
     params = {}
 
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        fraction, mode = params["fraction"], params["mode"]
+        if params["offset"] and mode != "hardest":
+            raise BenchError(f"method '{cls.name}': offset applies to mode 'hardest' only (mode is '{mode}'; "
+                             "CCS drops ccs_beta)")
+        skipped, what = {"ccs": (params["ccs_beta"], "ccs_beta"), "hardest": (params["offset"], "offset")}.get(
+            mode, (0.0, ""))
+        if skipped + fraction > 1 + 1e-9:
+            raise BenchError(f"method '{cls.name}': {what}={skipped} skips the hardest {skipped:.0%} and "
+                             f"fraction={fraction} keeps {fraction:.0%}: more than the whole training set; lower "
+                             f"{what}" + (" (CCS uses 0.3 at 90% pruned, less when keeping more)" if mode == "ccs" else ""))
+
     def resolved_epoch(self, protocol: Protocol) -> int:
         return resolve_score_epoch(self.hparams["score_epoch"], protocol, SCORE_KINDS[self.score_kind].auto_epoch)
 

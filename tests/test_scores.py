@@ -262,6 +262,21 @@ def test_bad_selection_settings_are_bench_errors():
         select_by_scores(scores, 0.5, mode="easiest", offset=0.1, generator=torch.Generator())
 
 
+@pytest.mark.parametrize("method, params, message", [
+    ("ccs", {"fraction": 0.9}, "ccs_beta=0.3 skips the hardest 30% and fraction=0.9 keeps 90%"),
+    ("el2n", {"fraction": 0.8, "offset": 0.3}, "offset=0.3 skips the hardest 30% and fraction=0.8"),
+    ("grand", {"mode": "easiest", "offset": 0.1}, "offset applies to mode 'hardest' only"),
+])
+def test_impossible_combinations_fail_when_parameters_are_resolved(method, params, message):
+    with pytest.raises(BenchError, match=message):
+        create_method(method, **params)  # before any data or proxy: a sweep fails when it is loaded
+
+
+def test_combinations_at_the_edge_are_accepted():
+    assert create_method("ccs", fraction=0.9, ccs_beta=0.1).hparams["ccs_beta"] == 0.1
+    assert create_method("el2n", fraction=0.7, offset=0.3).hparams["offset"] == 0.3
+
+
 # -- the cache, the runs, the CLI -----------------------------------------------------------------
 
 
