@@ -132,7 +132,7 @@ def accuracy_vs_kept(section: Section, out: Path) -> list[Path]:
     ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
     ax.set_title(f"{section.title}: accuracy vs data kept (budget: {section.budget})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, out, f"{section.slug}-accuracy-vs-kept")
 
 
