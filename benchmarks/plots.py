@@ -58,6 +58,18 @@ def _point_labels(summary) -> dict:
     return labels
 
 
+def _finish_accuracy_axes(ax, section: Section, xlabel: str, against: str, full_line: str) -> None:
+    """The full-data mean as a horizontal line, labels, grid and legend of an accuracy-vs-x plot."""
+    if section.full_mean == section.full_mean:  # not NaN
+        ax.axhline(100 * section.full_mean, color="grey", linestyle=full_line, linewidth=1,
+                   label=f"full data ({100 * section.full_mean:.2f}%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+    ax.set_title(f"{section.title}: accuracy vs {against} (budget: {section.budget})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
 def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
     summary = section.summary.dropna(subset=["acc_mean", "fraction"])
     short = _point_labels(summary)
@@ -75,14 +87,8 @@ def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
         if short.get((row.method, row.setting)):
             ax.annotate(short[(row.method, row.setting)], (saved, 100 * row.acc_mean), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color=colours[row.method])
-    if section.full_mean == section.full_mean:  # not NaN
-        ax.axhline(100 * section.full_mean, color="grey", linestyle="--", linewidth=1,
-                   label=f"full data ({100 * section.full_mean:.2f}%)")
-    ax.set_xlabel("compute saved, % of the full-data run (train + selection FLOPs)")
-    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
-    ax.set_title(f"{section.title}: accuracy vs compute saved (budget: {section.budget})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _finish_accuracy_axes(ax, section, "compute saved, % of the full-data run (train + selection FLOPs)",
+                          "compute saved", full_line="--")
     return _save(fig, out, f"{section.slug}-accuracy-vs-saved")
 
 
@@ -125,14 +131,7 @@ def accuracy_vs_kept(section: Section, out: Path) -> list[Path]:
         std = [0.0 if row.acc_std != row.acc_std else 100 * row.acc_std for _, row in points]
         ax.errorbar(kept, acc, yerr=std, marker="o", capsize=3, linewidth=1, color=colours[name], label=name,
                     linestyle="--" if name.startswith("uniform") else "-")
-    if section.full_mean == section.full_mean:
-        ax.axhline(100 * section.full_mean, color="grey", linestyle=":", linewidth=1,
-                   label=f"full data ({100 * section.full_mean:.2f}%)")
-    ax.set_xlabel("training set kept, %")
-    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
-    ax.set_title(f"{section.title}: accuracy vs data kept (budget: {section.budget})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _finish_accuracy_axes(ax, section, "training set kept, %", "data kept", full_line=":")
     return _save(fig, out, f"{section.slug}-accuracy-vs-kept")
 
 
