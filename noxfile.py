@@ -1,67 +1,111 @@
-"""Sessions: tests, lint, bench-fashion (the main CPU job), bench-cifar (GPU), tables, perf.
+"""Sessions: tests, lint, bench-fashion (the main CPU job), replicate-fashion, bench-cifar (GPU), tables, perf.
 
-Sessions reuse the machine's torch through --system-site-packages: torch wheels are gigabytes,
-and a fresh copy per session would dominate the run time. Anything missing is installed by pip.
+Every session runs in ONE environment, `.venv` at the repository root (BENCH_VENV names another):
+torch is gigabytes (its CUDA build takes 5.6 GB), and an environment per session cost a newcomer
+23 GB for four sessions. The environment is made on first use with --system-site-packages, so a
+torch that the Python running nox already has is reused, not copied; the project is installed into
+it once (again when pyproject.toml changes). `.venv/bin/python -m benchmarks ...` is then the CLI.
 """
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-nox.options.reuse_existing_virtualenvs = True
-VENV = {"venv_params": ["--system-site-packages"]}
+ROOT = Path(__file__).resolve().parent
+ENV = Path(os.environ.get("BENCH_VENV", ROOT / ".venv"))
+SHARED = {"venv_backend": "none"}  # nox makes no environment of its own: every session uses ENV
 
 
-def install(session: nox.Session, extra: str = "") -> None:
-    session.install("-e", f".{extra}")
+def python(session: nox.Session) -> str:
+    """The shared environment's python: the environment made, and the project installed, if needed."""
+    executable = ENV / "bin" / "python"
+    if not executable.exists():
+        session.log(f"making the shared environment {ENV} (one for every session)")
+        session.run(sys.executable, "-m", "venv", "--system-site-packages", str(ENV), external=True)
+    stamp = ENV / ".bench-installed"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != wanted:
+        session.run(str(executable), "-m", "pip", "install", "-q", "-e", f"{ROOT}[dev]", external=True)
+        stamp.write_text(wanted)
+    return str(executable)
 
 
-@nox.session(**VENV)
+def benchmarks(session: nox.Session, *args: str) -> None:
+    session.run(python(session), "-m", "benchmarks", *args, external=True)
+
+
+@nox.session(**SHARED)
 def tests(session: nox.Session) -> None:
     """The test suite (pytest); extra arguments go to pytest."""
-    install(session, "[dev]")
-    session.run("python", "-m", "pytest", *(session.posargs or ["-q", "--durations=10"]))
+    session.run(python(session), "-m", "pytest", *(session.posargs or ["-q", "--durations=10"]), external=True)
 
 
-@nox.session(**VENV)
+@nox.session(**SHARED)
 def lint(session: nox.Session) -> None:
-    install(session, "[dev]")
-    session.run("ruff", "check", "benchmarks", "methods", "baselines", "tests", "noxfile.py", external=True)
+    session.run(python(session), "-m", "ruff", "check", "benchmarks", "methods", "baselines", "tests", "noxfile.py",
+                external=True)
 
 
-@nox.session(name="bench-fashion", **VENV)
+@nox.session(name="bench-fashion", **SHARED)
 def bench_fashion(session: nox.Session) -> None:
     """Every registered method at its default settings on real Fashion-MNIST, one seed, then the table.
 
     Score methods average 2 proxy runs here instead of their paper-scale default of 10, which would
-    make this CPU job take hours; the table's selection share shows what scoring cost.
+    make this CPU job take hours; the table's selection share shows what scoring cost. Records go to
+    results/runs/, the table to results/sweeps/bench-fashion/tables/ (the published tables in
+    results/tables/ are left alone; `python -m benchmarks publish bench-fashion` publishes the records).
     """
-    install(session)
-    session.run("python", "-m", "benchmarks", "bench", "--protocol", "fashion-mnist", "--seeds", "0",
-                "--param", "score_runs=2", *session.posargs)
+    benchmarks(session, "bench", "--protocol", "fashion-mnist", "--seeds", "0", "--param", "score_runs=2",
+               "--name", "bench-fashion", *session.posargs)
 
 
-@nox.session(name="bench-cifar", **VENV)
+@nox.session(name="bench-cifar", **SHARED)
 def bench_cifar(session: nox.Session) -> None:
     """The CIFAR-10 sweep (GPU scale, benchmarks/sweeps/cifar10.toml), run here by default.
 
     Options after -- pass through: -- --quick, -- --set epochs=30, -- --executor slurm --slurm partition=gpu.
     """
-    install(session)
-    session.run("python", "-m", "benchmarks", "sweep", "cifar10", *session.posargs)
+    benchmarks(session, "sweep", "cifar10", *session.posargs)
 
 
-@nox.session(**VENV)
+@nox.session(**SHARED)
 def tables(session: nox.Session) -> None:
-    """Regenerate results/tables/ from the run records under results/runs/."""
-    install(session)
-    session.run("python", "-m", "benchmarks", "tables", "--runs", "results", "--out", "results/tables")
-    session.run("python", "-m", "benchmarks", "plots", "--runs", "results", "--out", "results/tables/plots")
-    session.run("python", "-m", "benchmarks", "replicate", "--runs", "results", "--out",
-                "results/tables/replication.md")
+    """Rebuild the published tables (results/tables/: Markdown, LaTeX, plots, replication.md) from the
+    published records (results/records/) alone, byte for byte (tests/test_published.py checks it)."""
+    benchmarks(session, "tables", "--published", *session.posargs)
 
 
-@nox.session(**VENV)
+@nox.session(name="replicate-fashion", **SHARED)
+def replicate_fashion(session: nox.Session) -> None:
+    """The CPU-scale replication: runs or reuses the records the claims need, then the claims table.
+
+    benchmarks/sweeps/fashion-claims.toml (2 seeds, about 2 h of CPU on 2 cores; complete runs are
+    skipped); its records are published (results/records/fashion-claims/) and the published tables
+    rebuilt, claims.md among them (results/tables/claims.md). Options after -- go to the sweep; a
+    tiny check that leaves results/ alone writes its claims table to OUT/tables/claims.md instead:
+    nox -s replicate-fashion -- --out /tmp/claims-check --set epochs=1 --set train_subset=2000
+    """
+    args = list(session.posargs)
+    out = args[args.index("--out") + 1] if "--out" in args else "results"
+    sets = [item for flag, value in zip(args, args[1:]) if flag == "--set" for item in (flag, value)]
+    benchmarks(session, "sweep", "fashion-claims", *args)
+    if out == "results":
+        benchmarks(session, "publish", "fashion-claims")
+        benchmarks(session, "tables", "--published")
+        benchmarks(session, "replicate", "--records", "results/records", "--claims-only")
+    else:
+        benchmarks(session, "replicate", "--runs", out, "--claims-only", "--claims-out", f"{out}/tables/claims.md",
+                   *sets)
+
+
+@nox.session(**SHARED)
 def perf(session: nox.Session) -> None:
     """Speed ratios measured side by side on this machine; written to results/perf.json."""
-    install(session)
-    session.run("python", "-m", "benchmarks.perf", "--out", "results/perf.json", *session.posargs)
+    session.run(python(session), "-m", "benchmarks.perf", "--out", "results/perf.json", *session.posargs,
+                external=True)

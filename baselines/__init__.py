@@ -1,3 +1,3 @@
 """Baselines every method is compared against; importing the package registers them."""
 
-from . import coreset, full, uniform  # noqa: F401
+from . import byol, coreset, full, group_dro, online, uniform  # noqa: F401

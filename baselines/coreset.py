@@ -11,9 +11,9 @@ k = round(fraction * N) examples greedily:
   example that brings the mean of the chosen embeddings closest to the mean of all; one
   matrix-vector product per pick.
 class_balanced (default True, DeepCore's default) runs the greedy within each class with its
-class_quotas share. Charged as selection: the proxy training, one forward pass per example for
-the embeddings, and 2 * n * d FLOPs per greedy pick (its matrix-vector product over n candidates of
-dimension d). No host sync inside the greedy loops. Embeddings of the whole training set are held on
+class_quotas share. Metered as selection: the proxy training, one forward pass per example for
+the embeddings, and the greedy loops (one matrix-vector product over the n candidates of dimension
+d per pick, 2 n d FLOPs). No host sync inside the greedy loops. Embeddings of the whole training set are held on
 the device (N x d floats: 100 MB for CIFAR-10 with a ResNet-18; too much for ImageNet on most GPUs).
 """
 
@@ -22,10 +22,11 @@ from __future__ import annotations
 import torch
 
 from benchmarks.protocol import Protocol
+from benchmarks.proxies import embedding_pass, train_proxy
 from benchmarks.registry import Param, register
-from benchmarks.subsets import StaticSubset, class_quotas, subset_size
+from benchmarks.scoring import early_epoch, resolve_score_epoch
+from benchmarks.subsets import FRACTION, StaticSubset, class_quotas, subset_size
 from benchmarks.train import RunContext
-from methods.scores import FRACTION, early_epoch, embedding_pass, resolve_score_epoch, train_proxy
 
 
 def kcenter_greedy(x: torch.Tensor, k: int, first: int) -> torch.Tensor:
@@ -95,24 +96,16 @@ class EmbeddingCoreset(StaticSubset):
         before = ctx.meter.flops["selection"]
         model, cached = train_proxy(ctx, 0, epoch)
         embeddings = embedding_pass(model, ctx)
-        ctx.meter.charge("selection", ctx.num_train, backward=False, forward_flops=ctx.model_forward_flops(model))
         chosen = []
         for members, quota in self.groups(ctx.data.train.labels):
             generator = ctx.generator(self.name, len(chosen))
-            picks = self.greedy(embeddings[members.to(embeddings.device)], quota, generator).cpu()
+            points = embeddings[members.to(embeddings.device)]
+            with ctx.meter.measure("selection", (self.name, "greedy", tuple(points.shape), quota)):
+                picks = self.greedy(points, quota, generator).cpu()
             chosen.append(members[picks])
-            ctx.meter.charge_flops("selection", 2 * len(members) * embeddings.shape[1] * quota)
         self.subset = torch.cat(chosen).sort().values
         self.stats = {"score_epoch": epoch, "proxy_cached": cached, "kept": len(self.subset),
                       "feature_dim": embeddings.shape[1], "selection_flops": ctx.meter.flops["selection"] - before}
-
-    def predicted_selection_flops(self, protocol: Protocol, labels: torch.Tensor, forward_flops: int,
-                                  feature_dim: int) -> int:
-        """What prepare charges: proxy epochs x 3FN, one embedding pass FN, 2 n d per greedy pick."""
-        n = len(labels)
-        greedy = sum(2 * len(members) * feature_dim * quota for members, quota in self.groups(labels))
-        return forward_flops * n * (3 * self.resolved_epoch(protocol) + 1) + greedy
-
 
 
 @register("kcenter")

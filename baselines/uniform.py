@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from benchmarks.hooks import EpochPlan, Method
 from benchmarks.registry import Param, register
-from benchmarks.subsets import StaticSubset, class_balanced_random_subset, random_subset, subset_size
-
-FRACTION = Param(0.5, "share of the training set kept", low=0.0, high=1.0, low_open=True)
+from benchmarks.subsets import (
+    FRACTION,
+    StaticSubset,
+    class_balanced_random_subset,
+    random_subset,
+    subset_size,
+)
 
 
 @register("uniform")

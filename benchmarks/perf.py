@@ -11,6 +11,15 @@
 - grand_loop_over_batched: GraNd (all parameters) by a Python loop of single-example gradients over
   the batched per-example gradient norms, same 256 examples. Goal >= 10 (a GPU goal: on 2 CPU cores
   the batched forward/backward alone costs about what the loop does).
+- greats_step_over_plain_step: one GREATS step (B = 2k candidates and 2 validation examples in one
+  eval-mode forward/backward, the Gram products, the greedy pick of k, then the train-mode step on
+  the k) over one plain training step on the same B examples, on the fashion-mnist model. Goal <= 1.3.
+- greats_step_over_plain_step_resnet18: the same for ResNet-18 (CIFAR stem) at 32x32, batch 128.
+  Goal <= 1.3. Both also report the FLOP ratio, measured with the meter's counter: that one is a
+  property of the algorithm, not of the machine.
+- ghost_over_materialised, ghost_over_materialised_resnet18: the Gram products of a GREATS step by
+  the per-layer cost rule (benchmarks/ghost.py, "auto") over the same products from materialised
+  per-example gradients in every layer (the capture pass, the same for both, excluded). Goal <= 1.
 Then the selection cost of each score method at its defaults, as a share of one full-data run.
 
 Repeats alternate the contenders (A B A B ...) and report the ratio of medians, so a slow spell of
@@ -38,7 +47,9 @@ from .run import RunSpec, execute
 from .train import RunContext, Trainer
 
 GOALS = {"harness_step_over_bare": ("<=", 1.05), "pipeline_over_dataloader": (">=", 3.0),
-         "infobatch_epoch_over_uniform_epoch": ("<=", 1.02), "grand_loop_over_batched": (">=", 10.0)}
+         "infobatch_epoch_over_uniform_epoch": ("<=", 1.02), "grand_loop_over_batched": (">=", 10.0),
+         "greats_step_over_plain_step": ("<=", 1.3), "greats_step_over_plain_step_resnet18": ("<=", 1.3),
+         "ghost_over_materialised": ("<=", 1.0), "ghost_over_materialised_resnet18": ("<=", 1.0)}
 
 
 def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -53,13 +64,13 @@ def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict
 def harness_step_over_bare(n_examples: int = 8192, repeats: int = 5) -> dict:
     protocol = load_protocol("fashion-mnist").replace(augment=[], epochs=1)
     data = restrict_train(load_data("fashion-mnist"), n_examples)
-    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(1), seed=0, log=lambda *a: None)
+    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(), seed=0, log=lambda *a: None)
     model = ctx.new_model("perf")
     batch_size = protocol.batch_size
     steps = -(-n_examples // batch_size)
 
     def harness() -> float:
-        trainer = Trainer(ctx, model, create_method("full"), evaluate=False, forward_flops=1)
+        trainer = Trainer(ctx, model, create_method("full"), evaluate=False)
         started = time.perf_counter()
         trainer.run_epoch(0)
         return (time.perf_counter() - started) / steps
@@ -149,20 +160,20 @@ def infobatch_epoch_over_uniform_epoch(n_examples: int = 10000, epochs: int = 4,
 
 
 def grand_loop_over_batched(n_examples: int = 256, repeats: int = 3, threads: int | None = 1) -> dict:
-    """GraNd on the same examples: a loop of single-example gradients over methods.pergrad's batched norms.
+    """GraNd on the same examples: a loop of single-example gradients over benchmarks.pergrad's batched norms.
 
     Fashion-MNIST's small-cnn in eval mode (as GraNd scores), all parameters. `threads` pins torch's
     intra-op threads while measuring: on a shared machine the loop's tiny ops stall on busy OpenMP
     threads, which inflates the ratio many times over; None keeps the default.
     """
-    from methods.pergrad import per_example_grad_norms
+    from .pergrad import per_example_grad_norms
 
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     protocol = load_protocol("fashion-mnist")
     data = restrict_train(load_data("fashion-mnist"), n_examples)
-    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(1), seed=0, log=lambda *a: None)
+    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(), seed=0, log=lambda *a: None)
     model = ctx.new_model("perf").eval()
     x, y = data.train.normalize(data.train.images), data.train.labels
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,30 +202,159 @@ def grand_loop_over_batched(n_examples: int = 256, repeats: int = 3, threads: in
             "batched_s": medians["batched"], "threads": threads or previous}
 
 
-def scoring_costs(protocols: tuple = ("fashion-mnist", "datadiet-cifar10", "forgetting-cifar10")) -> dict:
-    """Selection FLOPs of each score method at its defaults, as a share of one full-data run.
+# -- online selection: a GREATS step and its products ----------------------------------------------
 
-    From each method's predicted_selection_flops, the formula the meter's charges follow
-    (tests/test_scores.py checks prediction == metered charge). Nothing is trained; class sizes are
-    taken as balanced (true of Fashion-MNIST and CIFAR).
-    """
-    from .compute import forward_flops_per_example, full_data_flops
+# protocol, overrides: the fashion-mnist model on real data; ResNet-18 at 32x32 on synthetic images of
+# CIFAR's shape (the cost of a step does not depend on the pixels), each with a held-out split for GREATS.
+ONLINE_SETUPS = {
+    "fashion-mnist": ("fashion-mnist", {"train_subset": 4096, "holdout": 64}),
+    "resnet18": ("cifar10", {"dataset": "synthetic", "holdout": 64,
+                             "data_kwargs": {"n_train": 1024, "n_test": 64, "num_classes": 10, "size": 32,
+                                             "channels": 3}}),
+}
+
+
+def _online_step_setup(setup: str):
+    from .protocol import apply_overrides
+    from .run import build_context
+
+    name, overrides = ONLINE_SETUPS[setup]
+    ctx = build_context(apply_overrides(load_protocol(name), overrides), 0, log=lambda *a: None)
+    b = 2 * ctx.protocol.batch_size  # GREATS's default candidate_factor
+    batch = next(iter(ctx.data.train.batches(torch.arange(b), b)))
+    return ctx, batch
+
+
+def _greats_step_ratio(setup: str, repeats: int) -> dict:
+    from .compute import count_flops
+    from .hooks import Step
+
+    ctx, batch = _online_step_setup(setup)
+    greats = create_method("greats")
+    greats.ctx = ctx
+    trainers = {"greats": Trainer(ctx, ctx.new_model("perf"), greats, evaluate=False),
+                "plain": Trainer(ctx, ctx.new_model("perf"), create_method("full"), evaluate=False)}
+    step = Step(epoch=0, step=0, lr=ctx.protocol.lr, progress=0.0, autocast=trainers["greats"].autocast)
+
+    def greats_step() -> None:
+        trainer = trainers["greats"]
+        selected, selection = trainer._select(batch, step)
+        trainer._step(selected, step, selection)
+
+    def plain_step() -> None:
+        trainers["plain"]._step(batch, step)
+
+    def timed(fn) -> Callable[[], float]:
+        def measure() -> float:
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            fn()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+        return measure
+
+    flops = {"greats": count_flops(greats_step)[0], "plain": count_flops(plain_step)[0]}  # also warms up
+    medians = _alternate({"greats": timed(greats_step), "plain": timed(plain_step)}, repeats)
+    return {"ratio": medians["greats"] / medians["plain"], "greats_step_ms": 1000 * medians["greats"],
+            "plain_step_ms": 1000 * medians["plain"], "flops_ratio": flops["greats"] / flops["plain"],
+            "candidates": len(batch.y)}
+
+
+def greats_step_over_plain_step(repeats: int = 5) -> dict:
+    return _greats_step_ratio("fashion-mnist", repeats)
+
+
+def greats_step_over_plain_step_resnet18(repeats: int = 3) -> dict:
+    return _greats_step_ratio("resnet18", repeats)
+
+
+def _ghost_ratio(setup: str, repeats: int) -> dict:
+    from .ghost import capture, gram
+
+    ctx, batch = _online_step_setup(setup)
+    model = ctx.new_model("perf").eval()  # the BatchNorm rule: products from running statistics
+    x = torch.cat([batch.x, batch.x[:2]])  # B candidates + 2 validation examples, as in a GREATS step
+    y = torch.cat([batch.y, batch.y[:2]])
+    captured = capture(model, x, y)
+
+    def products(form: str) -> Callable[[], float]:
+        def measure() -> float:
+            started = time.perf_counter()
+            gram(captured, form)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+        return measure
+
+    _, used = gram(captured, "auto")  # warm-up
+    medians = _alternate({"auto": products("auto"), "materialise": products("materialise")}, repeats)
+    return {"ratio": medians["auto"] / medians["materialise"], "auto_ms": 1000 * medians["auto"],
+            "materialised_ms": 1000 * medians["materialise"], "ghost_weights": used["ghost"],
+            "materialised_weights": used["materialise"]}
+
+
+def ghost_over_materialised(repeats: int = 5) -> dict:
+    return _ghost_ratio("fashion-mnist", repeats)
+
+
+def ghost_over_materialised_resnet18(repeats: int = 2) -> dict:
+    return _ghost_ratio("resnet18", repeats)
+
+
+def per_example_costs(model: torch.nn.Module, shape: tuple, classes: int) -> dict:
+    """FLOPs per example, measured with the meter's counter on a batch of 2: a training step, a forward
+    pass, a GraNd pass (all FLOP counts are linear in the batch size)."""
+    from .compute import count_flops
+    from .pergrad import per_example_grad_norms
+
+    x, y = torch.randn(2, *shape), torch.arange(2) % classes
+
+    def step():
+        F.cross_entropy(model(x), y).backward()
+
+    model.train()
+    costs = {"step": count_flops(step)[0] // 2}
+    model.eval()
+    with torch.no_grad():
+        costs["forward"] = count_flops(model, x)[0] // 2
+    costs["grand"] = count_flops(per_example_grad_norms, model, x, y)[0] // 2
+    return costs
+
+
+def scoring_costs(protocols: tuple = ("fashion-mnist", "datadiet-cifar10", "forgetting-cifar10")) -> dict:
+    """Selection FLOPs of each score method at its defaults (10 proxy runs, fraction 0.5), as a share of
+    one full-data run: an estimate from per-example costs measured with the meter's counter, nothing
+    trained. Runs record the metered figure; class sizes are taken as balanced (true of Fashion-MNIST
+    and CIFAR)."""
     from .models import create_model
+    from .registry import method_class
+    from .scoring import early_epoch
 
     datasets = {"fashion-mnist": (60000, (1, 28, 28), 10), "cifar10": (50000, (3, 32, 32), 10),
                 "cifar100": (50000, (3, 32, 32), 100)}
-    methods = ("el2n", "grand", "grand-lastlayer", "forgetting", "ccs", "kcenter", "herding")
     shares = {}
     for name in protocols:
         protocol = load_protocol(name)
         n, shape, classes = datasets[protocol.dataset]
         n = min(n, protocol.train_subset) if protocol.train_subset else n
         model = create_model(protocol.model, in_chans=shape[0], num_classes=classes, **protocol.model_kwargs)
-        forward = forward_flops_per_example(model, shape)
-        full = full_data_flops(forward, n, protocol.epochs)
-        labels = torch.arange(n) % classes
-        for method in methods:
-            flops = create_method(method).predicted_selection_flops(protocol, labels, forward, model.num_features)
+        cost = per_example_costs(model, shape, classes)
+        runs = method_class("el2n").params["score_runs"].default
+        early, epochs = early_epoch(protocol.epochs), protocol.epochs
+        k = n // 2
+        greedy = 2 * model.num_features * k * n / classes  # one mv per pick over each class's members
+        per_method = {
+            "el2n": runs * n * (early * cost["step"] + cost["forward"]),
+            "grand": runs * n * cost["grand"],
+            "grand-lastlayer": runs * n * cost["forward"],
+            "forgetting": runs * n * epochs * cost["step"],
+            "kcenter": n * (early * cost["step"] + cost["forward"]) + greedy,
+        }
+        per_method["ccs"], per_method["herding"] = per_method["el2n"], per_method["kcenter"]
+        full = n * epochs * cost["step"]
+        for method, flops in per_method.items():
             shares[f"{name}/{method}"] = flops / full
             print(f"  {name:<20} {method:<16} selection = {flops / full:7.3f} x a full-data run")
     return shares
@@ -223,7 +363,11 @@ def scoring_costs(protocols: tuple = ("fashion-mnist", "datadiet-cifar10", "forg
 MEASUREMENTS = {"harness_step_over_bare": harness_step_over_bare,
                 "pipeline_over_dataloader": pipeline_over_dataloader,
                 "infobatch_epoch_over_uniform_epoch": infobatch_epoch_over_uniform_epoch,
-                "grand_loop_over_batched": grand_loop_over_batched}
+                "grand_loop_over_batched": grand_loop_over_batched,
+                "greats_step_over_plain_step": greats_step_over_plain_step,
+                "greats_step_over_plain_step_resnet18": greats_step_over_plain_step_resnet18,
+                "ghost_over_materialised": ghost_over_materialised,
+                "ghost_over_materialised_resnet18": ghost_over_materialised_resnet18}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@
   setting with std error bars over seeds, the full-data mean as a horizontal line;
 - <slug>-curves: test accuracy against compute spent (fraction of the full-data run) along training,
   one line per run, one colour per method setting;
+- <slug>-curves-steps (when the curves record optimiser steps): the same lines against steps;
 - <slug>-accuracy-vs-kept (when methods keeping a fixed fraction ran at two or more fractions): test
   accuracy against the fraction of the training set kept, one line per method.
 
@@ -92,7 +93,9 @@ def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
     return _save(fig, out, f"{section.slug}-accuracy-vs-saved")
 
 
-def accuracy_curves(section: Section, out: Path) -> list[Path]:
+def _run_curves(section: Section, out: Path, x_of, xlabel: str, against: str, stem: str) -> list[Path]:
+    """Test accuracy along training, one line per run, one colour per method setting; x = x_of(run, row)
+    (None drops the point)."""
     runs = section.runs.sort_values(["method", "setting", "seed"])
     labels = list(dict.fromkeys(_label(m, s) for m, s in zip(runs["method"], runs["label"])))
     colours = _colours(labels)
@@ -100,9 +103,9 @@ def accuracy_curves(section: Section, out: Path) -> list[Path]:
     ax = fig.add_subplot()
     seen = set()
     for run in runs.itertuples():
-        points = [(row["flops"] / run.full_flops, 100 * row["test_acc"]) for row in run.curve
-                  if "test_acc" in row and "flops" in row]
-        if not points or not run.full_flops or run.full_flops != run.full_flops:
+        points = [(x_of(run, row), 100 * row["test_acc"]) for row in run.curve if "test_acc" in row]
+        points = [(x, y) for x, y in points if x is not None]
+        if not points:
             continue
         label = _label(run.method, run.label)
         xs, ys = zip(*points)
@@ -111,12 +114,29 @@ def accuracy_curves(section: Section, out: Path) -> list[Path]:
     if section.target is not None:
         ax.axhline(100 * section.target, color="grey", linestyle=":", linewidth=1,
                    label=f"target ({100 * section.target:.2f}%)")
-    ax.set_xlabel("compute spent, fraction of the full-data run (train + selection FLOPs)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy, %")
-    ax.set_title(f"{section.title}: test accuracy during training (one line per run)", fontsize=10)
+    ax.set_title(f"{section.title}: test accuracy {against} (one line per run)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, out, f"{section.slug}-curves")
+    return _save(fig, out, f"{section.slug}-{stem}")
+
+
+def _compute_spent(run, row) -> float | None:
+    full = run.full_flops
+    return row["flops"] / full if "flops" in row and full and full == full else None
+
+
+def accuracy_curves(section: Section, out: Path) -> list[Path]:
+    return _run_curves(section, out, _compute_spent,
+                       "compute spent, fraction of the full-data run (train + selection FLOPs)",
+                       "during training", "curves")
+
+
+def accuracy_vs_steps(section: Section, out: Path) -> list[Path]:
+    """Online selection compares methods at equal steps: each step trains on the same number of examples."""
+    return _run_curves(section, out, lambda run, row: row.get("step"), "optimiser steps", "against steps",
+                       "curves-steps")
 
 
 def accuracy_vs_kept(section: Section, out: Path) -> list[Path]:
@@ -142,6 +162,8 @@ def write_plots(sections: list[Section], out: str | Path) -> list[Path]:
     for section in sections:
         written += accuracy_vs_saved(section, out)
         written += accuracy_curves(section, out)
+        if section.has_steps:
+            written += accuracy_vs_steps(section, out)
         if fraction_rows(section) is not None:
             written += accuracy_vs_kept(section, out)
     return written

@@ -7,6 +7,9 @@ A protocol is flat on purpose: every key can be overridden from the command line
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .augment import parse_pipeline
 from .errors import BenchError
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
@@ -24,8 +28,9 @@ PROTOCOL_DIR = Path(__file__).parent / "protocols"
 BUDGETS = ("epochs", "iterations")
 OPTIMIZERS = ("sgd", "adamw", "lars")
 SCHEDULES = ("constant", "multistep", "onecycle", "linear", "cosine")
-AUGMENTATIONS = ("crop", "flip")
 SELECTION_RULES = ("last-epoch", "best-val-worst-group")
+EVALUATIONS = ("accuracy", "linear-probe")
+TASKS = ("supervised", "self-supervised")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class Protocol:
     schedule: str
     description: str = ""
     model_kwargs: dict = field(default_factory=dict)
+    # Start from pretrained weights: timm's (from its cache or the Hugging Face hub), or the state dict
+    # in `pretrained_file` (timm's pretrained_cfg "file" overlay; a file implies pretrained). Weights
+    # that cannot be had fail the run with one line saying how to supply them, never a random init.
+    pretrained: bool = False
+    pretrained_file: str = ""
     data_kwargs: dict = field(default_factory=dict)
     train_subset: int = 0  # 0 = the whole training split; N = a fixed random N examples (quick runs)
     eval_batch_size: int = 1024
@@ -52,12 +62,32 @@ class Protocol:
     warmup_epochs: float = 0.0
     onecycle_pct_start: float = 0.25
     label_smoothing: float = 0.0
-    augment: list = field(default_factory=list)
-    crop_padding: int = 4
+    augment: list = field(default_factory=list)  # the training batches' pipeline (benchmarks/augment.py)
+    crop_padding: int = 4  # the "crop" augmentation's padding unless a spec gives its own
+    view_augment: list = field(default_factory=list)  # the pipeline of Batch.view() (two-view methods)
     amp: bool = False  # mixed precision, used only on CUDA
+    task: str = "supervised"  # which methods fit: Method.kind
+    reference: str = "full"  # the method whose full-data cost is the compute fraction's denominator
+    holdout: float = 0.0  # examples carved from the training data (a count >= 1, or a fraction < 1)
+    evaluation: str = "accuracy"  # or "linear-probe": a linear classifier on frozen backbone features
+    probe_epochs: int = 100
+    probe_lr: float = 3e-4
+    probe_batch_size: int = 128
+    probe_weight_decay: float = 0.0
     eval_every: int = 1
     selection_rule: str = "last-epoch"
+    save_model: bool = False  # keep every run's final model next to its record
+    sync_batchnorm: bool = False  # data parallel: BatchNorm statistics over the global batch (GPUs only)
     seeds: list = field(default_factory=lambda: [0])
+
+    def augment_defaults(self) -> dict:
+        return {"crop": {"padding": self.crop_padding}}
+
+    def holdout_size(self, n_train: int) -> int:
+        """How many training examples the held-out split takes from n_train."""
+        if self.holdout >= 1:
+            return int(self.holdout)
+        return round(self.holdout * n_train)
 
     def replace(self, **changes: Any) -> Protocol:
         return dataclasses.replace(self, **changes)
@@ -79,7 +109,20 @@ def _check_type(key: str, value: Any, where: str) -> Any:
     ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
     if not ok:
         raise BenchError(f"{where}: key '{key}' must be {expected.__name__}, got {value!r}")
+    if not _all_finite(value):  # TOML reads nan and inf as floats; no protocol setting means them
+        raise BenchError(f"{where}: key '{key}' must be a finite number, got {value!r}")
     return value
+
+
+def _all_finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a value (lists and tables included)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def _check_values(p: Protocol, where: str) -> None:
@@ -108,9 +151,25 @@ def _check_values(p: Protocol, where: str) -> None:
         raise bad("eval_every", "must be >= 1")
     if not 0 < p.onecycle_pct_start < 1:
         raise bad("onecycle_pct_start", "must be in (0, 1)")
-    unknown_aug = [a for a in p.augment if a not in AUGMENTATIONS]
-    if unknown_aug:
-        raise bad("augment", f"may hold only {AUGMENTATIONS}")
+    for key in ("augment", "view_augment"):
+        parse_pipeline(getattr(p, key), f"{where}: key '{key}'", p.augment_defaults())
+    if p.crop_padding < 0:
+        raise bad("crop_padding", "must be >= 0")
+    if p.evaluation not in EVALUATIONS:
+        raise bad("evaluation", f"must be one of {EVALUATIONS}")
+    if p.task not in TASKS:
+        raise bad("task", f"must be one of {TASKS}")
+    if not p.reference.strip():
+        raise bad("reference", "must name a registered method")
+    for key in ("probe_epochs", "probe_batch_size"):
+        if getattr(p, key) < 1:
+            raise bad(key, "must be >= 1")
+    if not p.probe_lr > 0:
+        raise bad("probe_lr", "must be > 0")
+    if not p.probe_weight_decay >= 0:
+        raise bad("probe_weight_decay", "must be >= 0")
+    if not (p.holdout >= 0 and math.isfinite(p.holdout)) or (p.holdout >= 1 and p.holdout != int(p.holdout)):
+        raise bad("holdout", "must be a count of examples (a whole number >= 1) or a fraction in [0, 1)")
     if p.selection_rule not in SELECTION_RULES:
         raise bad("selection_rule", f"must be one of {SELECTION_RULES}")
     if not p.seeds or not all(isinstance(s, int) for s in p.seeds):
@@ -128,6 +187,30 @@ def protocol_from_dict(data: dict, where: str) -> Protocol:
     protocol = Protocol(**checked)
     _check_values(protocol, where)
     return protocol
+
+
+# Fields that cannot change what a run computes: they stay out of its identity.
+NOT_IN_IDENTITY = frozenset({"description", "seeds", "save_model"})
+
+
+def fingerprint(protocol: Protocol) -> str:
+    """A hash of the protocol's resolved contents: every field that can change a run, at a value
+    other than its default.
+
+    Editing a protocol file (a learning rate, say) changes the fingerprint, so the run id, so the run
+    is run again instead of being skipped as complete. Fields at their defaults stay out, so adding a
+    new field with a default that keeps today's behaviour does not orphan every stored record; a
+    value written out equal to the default is the same protocol as one that leaves it out.
+    """
+    fields = {key: value for key, value in protocol.as_dict().items()
+              if key not in NOT_IN_IDENTITY and (key in _REQUIRED or value != _default(key))}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _default(key: str) -> Any:
+    spec = _FIELDS[key]
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
 
 
 def available_protocols() -> list[str]:

@@ -7,6 +7,7 @@ Every method declares its parameters (type, default, range) in one place, its `p
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,9 @@ class Param:
             value = float(value)
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             raise BenchError(f"method '{method}': parameter '{name}' must be {kind.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML reads nan and inf as floats
+            raise BenchError(f"method '{method}': parameter '{name}' must be a finite number, got {value!r} "
+                             f"({self.describe()})")
         if self.choices and value not in self.choices:
             raise BenchError(f"method '{method}': parameter '{name}' must be one of {self.choices}, got {value!r}")
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):

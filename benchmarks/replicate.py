@@ -1,5 +1,7 @@
 """Our runs next to the numbers the papers report (results/paper/*.toml, one file per paper).
 
+(The papers' qualitative claims, `[[claim]]` tables in the same folder, are checked by benchmarks/claims.py.)
+
 Each [[entry]] names: paper, protocol, method, setting ("-" or "k=v, k=v" like report.params_label;
 a remark in parentheses is ignored, "--set k=v" items are protocol overrides), metric, value, source
 ("Table 1", "Fig. 2 (approx.)") and tolerance; optionally `overrides = {k = v}`, `note`, and
@@ -27,7 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import BenchError
-from .report import FULL_METHOD, params_label
+from .record import current_records, params_label, reference_of
 
 REQUIRED = ("paper", "protocol", "method", "setting", "metric", "value", "source", "tolerance")
 OPTIONAL = ("overrides", "note", "bound")
@@ -133,9 +135,13 @@ def load_papers(folder: str | Path) -> list[PaperEntry]:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise BenchError(f"{path}: not readable TOML ({exc})") from None
         raw_entries = data.get("entry")
+        if raw_entries is None and "claim" in data:
+            continue  # a file of claims only (benchmarks/claims.py)
         if not isinstance(raw_entries, list) or not raw_entries:
             raise BenchError(f"{path}: no [[entry]] tables")
         entries += [_entry(raw, path, i) for i, raw in enumerate(raw_entries, 1)]
+    if not entries:
+        raise BenchError(f"no [[entry]] tables in {folder}")
     return entries
 
 
@@ -147,6 +153,19 @@ def _resolved_label(method: str, params: dict) -> str:
         return params_label(resolve_params(method, params))
     except BenchError:  # a method not (yet) in the registry: compare as written
         return params_label(params)
+
+
+def _is_reference_run(record: dict) -> bool:
+    """A run of its protocol's reference method at the method's defaults (full BYOL, not a budgeted BYOL)."""
+    from .registry import resolve_params
+
+    reference = reference_of(record)
+    if record["method"] != reference:
+        return False
+    try:
+        return record["params"] == resolve_params(reference, {})
+    except BenchError:  # a method not (yet) in the registry: every run of it
+        return True
 
 
 def _run_value(record: dict, metric: str) -> float | None:
@@ -162,14 +181,15 @@ def _run_value(record: dict, metric: str) -> float | None:
 
 def replicate(entries: list[PaperEntry], records: list[dict]) -> list[dict]:
     """One row per paper entry: the paper's value, ours (mean, std, n over matching runs), the verdict."""
-    complete = [r for r in records if r.get("status") == "complete" and isinstance(r.get("params"), dict)]
+    complete = [r for r in current_records(records, []) if r.get("status") == "complete"
+                and isinstance(r.get("params"), dict)]
 
     def key(r: dict) -> tuple:
         return r["protocol"], json.dumps(r.get("overrides") or {}, sort_keys=True)
 
     full_means: dict[tuple, float] = {}
     for k in {key(r) for r in complete}:
-        accs = [r["metrics"]["test_acc"] for r in complete if key(r) == k and r["method"] == FULL_METHOD
+        accs = [r["metrics"]["test_acc"] for r in complete if key(r) == k and _is_reference_run(r)
                 and (r.get("metrics") or {}).get("test_acc") is not None]
         if accs:
             full_means[k] = statistics.fmean(accs)

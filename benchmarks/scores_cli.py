@@ -1,4 +1,4 @@
-"""`python -m benchmarks scores`: export per-example scores (EL2N, GraNd, forgetting ...) as CSV.
+"""`python -m benchmarks scores`: export per-example scores (EL2N, GraNd, forgetting, AUM ...) as CSV.
 
 The scores are exactly those a run of the same protocol, seed and overrides would use: the same
 proxy runs, the same cache (`--cache-dir`, by default the cache of runs written to `results/`), so
@@ -44,9 +44,8 @@ def scores_csv(labels: torch.Tensor, mean: torch.Tensor, per_run: torch.Tensor,
 
 def _cmd_scores(args: argparse.Namespace) -> int:
     import methods  # noqa: F401 - registers every score kind
-    from methods.scores import SCORE_KINDS, compute_scores, resolve_score_epoch
 
-    from .compute import full_data_flops
+    from .scoring import SCORE_KINDS, compute_scores, resolve_score_epoch
 
     if args.score not in SCORE_KINDS:
         raise BenchError(f"unknown score '{args.score}' (known: {', '.join(sorted(SCORE_KINDS))})")
@@ -54,9 +53,9 @@ def _cmd_scores(args: argparse.Namespace) -> int:
         raise BenchError("--score-runs must be >= 1")
     protocol = apply_overrides(load_protocol(args.protocol), parse_assignments(args.set, "--set"))
     epoch = resolve_score_epoch(args.score_epoch, protocol, SCORE_KINDS[args.score].auto_epoch)
-    if args.score == "forgetting" and epoch < 1:
-        raise BenchError("forgetting needs --score-epoch >= 1")
-    from .run import build_context
+    if SCORE_KINDS[args.score].observer is not None and epoch < 1:
+        raise BenchError(f"{args.score} is recorded while the proxy trains: it needs --score-epoch >= 1")
+    from .run import build_context, reference_flops
 
     ctx = build_context(protocol, args.seed, data_root=args.data_root, device=args.device,
                         cache_dir=args.cache_dir or None)
@@ -65,7 +64,7 @@ def _cmd_scores(args: argparse.Namespace) -> int:
     text = scores_csv(labels, mean, info["per_run"], ctx.data.train_origin)
     atomic_write_bytes(Path(args.out), text.encode())
     flops = ctx.meter.flops["selection"]
-    full = full_data_flops(ctx.meter.forward_flops, len(labels), protocol.epochs)
+    full = reference_flops(ctx)
     print(f"wrote {args.out}: {len(labels)} {args.score} scores at epoch {epoch}, mean of {args.score_runs} "
           f"proxy runs ({sum(info['cached'])} from the cache); cost {flops:.3e} FLOPs = "
           f"{flops / full:.3f} of a full-data run")
@@ -73,15 +72,16 @@ def _cmd_scores(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("scores", help="per-example scores (el2n, grand, grand-lastlayer, forgetting) "
-                              "averaged over proxy runs, as CSV", epilog=EXAMPLES,
+    p = subparsers.add_parser("scores", help="per-example scores (el2n, grand, grand-lastlayer, forgetting, aum, "
+                              "aum-softmax) averaged over proxy runs, as CSV", epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", required=True, help="protocol name (see `list`) or path to a .toml file")
-    p.add_argument("--score", required=True, help="el2n, grand, grand-lastlayer or forgetting")
+    p.add_argument("--score", required=True, help="el2n, grand, grand-lastlayer, forgetting, aum or aum-softmax "
+                   "(aum: a low score is hard)")
     p.add_argument("--score-runs", type=int, default=10, help="independent proxy runs averaged (default 10)")
     p.add_argument("--score-epoch", type=int, default=-1,
                    help="proxy epochs before scoring; -1 = the score's default (el2n: 10%% of the protocol's "
-                        "epochs; grand: 0; forgetting: all)")
+                        "epochs; grand: 0; forgetting, aum: all)")
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0): the proxies of runs with this seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override, repeatable")
     p.add_argument("--data-root", default=None, help="where datasets are looked for first (then $BENCH_DATA)")

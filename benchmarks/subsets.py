@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from .hooks import EpochPlan, Method
+from .registry import Param
+
+FRACTION = Param(0.5, "share of the training set kept", low=0.0, high=1.0, low_open=True)
 
 
 def subset_size(n: int, fraction: float) -> int:

@@ -8,7 +8,8 @@ warns once and logs offline for the rest of the process. wandb is imported only 
 What a W&B run holds:
 - id = the run id (a resumed run continues the same W&B run), name = "method setting seed N",
   group = the sweep name, job_type = the method, tags = [protocol];
-- config = {protocol: the resolved protocol, method, params, overrides, seed, run_id, budget, n_train};
+- config = {protocol: the resolved protocol, method, params, overrides, seed, run_id, budget, n_train,
+  schema (the record schema, so runs rebuilt from W&B are never mixed across schemas)};
 - history, one row per epoch, x-axis "epoch": the curve's numbers plus fraction = flops / full_flops;
 - summary: status, final/<metric> (the reported metrics), compute/<key>, wall_clock_s, train_seconds,
   method_stats/<key>.
@@ -25,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import BenchError
-from .report import params_label
+from .record import params_label
 from .run import RunLogger
 
 MODES = ("auto", "online", "offline", "off")
@@ -96,7 +97,8 @@ class WandbLogger(RunLogger):
 
     def __init__(self, out: str | Path = "results", mode: str = "auto", *, project: str | None = None,
                  entity: str | None = None, log=print, init_timeout: float = 30.0, finish_timeout: float = 120.0):
-        self.out = Path(out)
+        # W&B's own variable wins: WANDB_DIR is where the user keeps W&B's files (often off a quota'd home).
+        self.out = Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else Path(out)
         self.requested = mode
         self.project = project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
         self.entity = entity or os.environ.get("WANDB_ENTITY") or None
@@ -144,7 +146,7 @@ class WandbLogger(RunLogger):
     def _init(self, wandb, info: dict, mode: str):
         config = {"protocol": info.get("resolved_protocol"), "method": info["method"], "params": info["params"],
                   "overrides": info.get("overrides") or {}, "seed": info["seed"], "run_id": info["run_id"],
-                  "budget": info.get("budget"), "n_train": info.get("n_train")}
+                  "budget": info.get("budget"), "n_train": info.get("n_train"), "schema": info.get("schema")}
         # A --force rerun is a new W&B run; a resumed one continues the run of the same id.
         wandb_id = f"{info['run_id']}-{int(time.time())}" if info.get("fresh") else info["run_id"]
         return wandb.init(
@@ -238,7 +240,8 @@ def record_from_wandb_run(run) -> dict:
     protocol = config["protocol"] if isinstance(config["protocol"], dict) else {"name": config["protocol"]}
     state = getattr(run, "state", None)
     status = summary.get("status") or ("complete" if state == "finished" else "failed")
-    return {"schema": 1, "run_id": config.get("run_id") or run.id, "status": status,
+    # Runs logged before the record schema went into the config are schema 1 (estimated compute).
+    return {"schema": config.get("schema", 1), "run_id": config.get("run_id") or run.id, "status": status,
             "protocol": protocol["name"], "method": config["method"], "params": config["params"] or {},
             "seed": config["seed"], "overrides": config.get("overrides") or {},
             "budget": config.get("budget") or protocol.get("budget"), "group": getattr(run, "group", None),

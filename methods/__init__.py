@@ -1,3 +1,3 @@
 """Data-efficiency methods, one module each; importing the package registers them."""
 
-from . import forgetting, infobatch, scores  # noqa: F401
+from . import aum, ccs, forgetting, greats, infobatch, jtt, rela, rho_loss, scores  # noqa: F401

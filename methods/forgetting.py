@@ -5,7 +5,7 @@ optimiser step: StepInfo.correct), record whether it was classified correctly. A
 is a correct -> incorrect transition between consecutive presentations of the same example.
 The score is the number of events over `score_epoch` epochs of proxy training (default -1: all of
 the protocol's epochs, as the paper counts over a whole 200-epoch training), averaged over
-`score_runs` proxy runs; then the shared selection of methods/scores.py (mode "hardest" = keep
+`score_runs` proxy runs; then the shared selection of benchmarks/scoring.py (mode "hardest" = keep
 the most forgotten, i.e. remove the least forgotten, as the paper).
 
 Never-learned examples (never classified correctly at any presentation) are the most forgettable:
@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.errors import BenchError
 from benchmarks.hooks import Method, StepInfo
 from benchmarks.registry import register
-from benchmarks.train import RunContext
-
-from .scores import SCORE_KINDS, ScoreKind, ScoreSelection, _epoch_param, score_params, train_proxy
+from benchmarks.scoring import ScoreKind, ScoreSelection, epoch_param, register_score_kind, score_params
 
 
 class ForgettingCounter(Method):
@@ -45,7 +42,7 @@ class ForgettingCounter(Method):
 
     def _to(self, device: torch.device) -> None:
         if self.events.device != device:
-            for name in ("presentations", "events", "last_correct", "learned"):
+            for name in COUNTER_STATE:
                 setattr(self, name, getattr(self, name).to(device))
 
     def observe(self, step: StepInfo) -> None:
@@ -69,14 +66,20 @@ class ForgettingCounter(Method):
                 "never_learned_share": (~learned).float().mean().item(),
                 "unforgettable_share": (learned & (self.events.cpu() == 0)).float().mean().item()}
 
+    def state_dict(self) -> dict:
+        """The counts so far: a proxy stopped mid-run (preemption in `prepare`) resumes with them."""
+        return {name: getattr(self, name).cpu().clone() for name in COUNTER_STATE}
 
-def forgetting_run(ctx: RunContext, epoch: int, run: int) -> tuple[torch.Tensor, dict]:
-    counter = ForgettingCounter(ctx.num_train)
-    train_proxy(ctx, run, epoch, method=counter)
-    return counter.scores(), counter.stats()
+    def load_state_dict(self, state: dict) -> None:
+        for name in COUNTER_STATE:
+            setattr(self, name, state[name].clone())
 
 
-SCORE_KINDS["forgetting"] = ScoreKind(forgetting_run, auto_epoch=lambda epochs: epochs, pass_cost=0)
+COUNTER_STATE = ("presentations", "events", "last_correct", "learned")
+
+# Recorded while the proxy trains, by the same proxy run as the other training-dynamics kinds (AUM).
+register_score_kind("forgetting", ScoreKind(observer=lambda ctx: ForgettingCounter(ctx.num_train),
+                                            auto_epoch=lambda epochs: epochs))
 
 
 @register("forgetting")
@@ -84,13 +87,7 @@ class Forgetting(ScoreSelection):
     """Keep the most forgotten examples (forgetting events of proxy runs; never learned = most forgotten)."""
 
     score_kind = "forgetting"
-    params = score_params(_epoch_param(-1, "proxy epochs over which events are counted; -1 = all the protocol's"))
-
-    def resolved_epoch(self, protocol) -> int:
-        epoch = super().resolved_epoch(protocol)
-        if epoch < 1:
-            raise BenchError("forgetting: score_epoch must be >= 1 (events are counted while the proxy trains)")
-        return epoch
+    params = score_params(epoch_param(-1, "proxy epochs over which events are counted; -1 = all the protocol's"))
 
     def extra_stats(self, extra: list[dict]) -> dict:
         mean = {key: sum(e[key] for e in extra) / len(extra) for key in ("never_learned_share", "unforgettable_share")}

@@ -5,7 +5,7 @@ Algorithm, once per epoch, from a score table that holds each example's latest t
   2. skip each well-learned example with probability `prune_ratio`; keep all the others;
   3. weight the kept well-learned examples by 1/(1 - prune_ratio), everything else by 1, so the
      weighted loss is an unbiased estimate of the full-data loss;
-  4. anneal: from epoch ceil(delta * epochs) on (0-based), train on the full data with weight 1.
+  4. anneal: from epoch floor(delta * epochs) on (0-based), train on the full data with weight 1.
 
 Use: `python -m benchmarks run --protocol infobatch-cifar100 --method infobatch --param prune_ratio=0.5`.
 It works through `plan_epoch` and `observe` only; nothing in torch is patched.
@@ -16,11 +16,15 @@ Decisions, and the known pitfalls of the reference code they avoid:
 - Each well-learned example is skipped by an independent draw (the paper's analysis), not a fixed
   floor((1-r) * n) count as in the reference code: the 1/(1-r) weight is then exactly unbiased, and
   the realised count differs from the fixed one by O(sqrt(n)) examples.
-- Annealing: an epoch e (0-based) prunes iff e < delta * epochs, as the reference code, so pruning
-  stops at epoch ceil(delta * epochs); with 200 epochs and delta 0.875, epochs 0..174 prune and the
-  last 25 train on full data. delta * epochs is rounded to 9 decimals first, so that e.g.
-  0.07 * 100 = 7.000000000000001 counts as 7 pruned epochs, not 8. Epochs count the protocol's
-  epochs (ctx.protocol.epochs), i.e. the main run's.
+- Annealing follows the reference code exactly: its sampler is reset once when it is built and
+  once at the start of every epoch, and a reset prunes iff its running count is <= delta * epochs;
+  so epoch e (0-based) prunes iff e + 1 <= delta * epochs, i.e. the first floor(delta * epochs)
+  epochs prune. 90 epochs at delta 0.875 (78.75) prune 78 epochs and train the last 12 on full data;
+  200 epochs prune 175; the 3-epoch smoke protocol prunes 2 and anneals in its last. The product is
+  taken in float64 as the reference does, so a product just below a whole number counts as that
+  reference counts it (0.29 * 100 = 28.999999999999996: 28 epochs). (An earlier version pruned
+  ceil(delta * epochs) epochs, one more whenever delta * epochs is not whole.) Epochs count the
+  protocol's epochs (ctx.protocol.epochs), i.e. the main run's.
 - Ties: the mean is computed in float64 over the float32 table. A float64 sum of up to 2^29 equal
   float32 values is exact, so when all scores are equal (the start: all 3.0) the mean equals them
   exactly and nothing is "strictly below": epoch 0 trains on the full data. Examples exactly at the
@@ -53,8 +57,8 @@ INITIAL_SCORE = 3.0  # every example starts "not well learned" until its loss ha
 
 
 def prune_epochs(delta: float, epochs: int) -> int:
-    """The number of leading epochs that prune: epoch e prunes iff e < delta * epochs."""
-    return math.ceil(round(delta * epochs, 9))  # round: float products like 0.07 * 100 overshoot
+    """The number of leading epochs that prune: epoch e prunes iff e + 1 <= delta * epochs (the reference)."""
+    return min(epochs, math.floor(delta * epochs))
 
 
 def plan_from_scores(scores: torch.Tensor, prune_ratio: float,

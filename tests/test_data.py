@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.augment import apply_pipeline, parse_pipeline
 from benchmarks.data import load_data, restrict_train
 from benchmarks.data.sources import read_idx
-from benchmarks.data.splits import random_crop_flip
 from benchmarks.errors import BenchError
 
 
@@ -85,7 +85,8 @@ def test_imagefolder_streams_batches_with_indices(tmp_path):
     data = load_data("imagenet", str(tmp_path), {"image_size": 32, "num_workers": 0})
     assert data.num_classes == 3 and len(data.train) == 6 and data.input_shape == (3, 32, 32)
     order = torch.tensor([5, 0, 3])
-    batches = list(data.train.batches(order, 2, augment=["crop", "flip"], weights=torch.tensor([1.0, 2.0, 3.0])))
+    batches = list(data.train.batches(order, 2, augment=parse_pipeline(["crop", "flip"]),
+                                      weights=torch.tensor([1.0, 2.0, 3.0])))
     assert [b.index.tolist() for b in batches] == [[5, 0], [3]]
     assert batches[0].x.shape == (2, 3, 32, 32)
     assert batches[0].y.tolist() == [2, 0] and batches[1].weight.tolist() == [3.0]
@@ -95,10 +96,12 @@ def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_DATA", str(tmp_path / "env"))
     monkeypatch.setattr("benchmarks.data.sources.download_torchvision",
                         lambda *a: (_ for _ in ()).throw(OSError("no network")))
+    (tmp_path / "given").mkdir()  # a --data-root that does not exist is refused outright (test_bad_input.py)
     with pytest.raises(BenchError) as info:
         load_data("cifar10", str(tmp_path / "given"))
     message = str(info.value)
     assert str(tmp_path / "given") in message and str(tmp_path / "env") in message and "no network" in message
+    assert "\n" not in message  # the CLI prints it as one line
     with pytest.raises(BenchError, match="ImageFolder layout"):
         load_data("imagenet", str(tmp_path / "given"))
     with pytest.raises(BenchError, match="unknown dataset"):
@@ -108,7 +111,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
 def test_device_augmentation_matches_a_per_example_reference():
     images = torch.randint(0, 256, (16, 2, 6, 5), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(7)
-    out = random_crop_flip(images, ["crop", "flip"], 2, generator)
+    out = apply_pipeline(images, parse_pipeline([{"name": "crop", "padding": 2}, "flip"]), generator)
     replay = torch.Generator().manual_seed(7)  # the same draws, in the same order, by hand
     dy = torch.randint(0, 5, (16,), generator=replay)
     dx = torch.randint(0, 5, (16,), generator=replay)

@@ -10,11 +10,12 @@ from benchmarks.data import load_data
 from benchmarks.errors import BenchError
 from benchmarks.hooks import StepInfo
 from benchmarks.protocol import apply_overrides, load_protocol
+from benchmarks.proxies import train_proxy
 from benchmarks.registry import create_method
+from benchmarks.scoring import select_by_scores
 from benchmarks.train import RunContext
 from conftest import quiet
 from methods.forgetting import ForgettingCounter
-from methods.scores import select_by_scores, train_proxy
 
 C, W = True, False  # correct, wrong
 # example -> its outcome at each presentation, in order
@@ -74,7 +75,7 @@ def test_never_learned_are_kept_first_by_mode_hardest():
 
 def test_counter_sees_every_example_once_per_proxy_epoch():
     protocol = apply_overrides(load_protocol("smoke"), {"epochs": 2})
-    ctx = RunContext(protocol, load_data("synthetic"), torch.device("cpu"), ComputeMeter(1), seed=0, log=quiet)
+    ctx = RunContext(protocol, load_data("synthetic"), torch.device("cpu"), ComputeMeter(), seed=0, log=quiet)
     counter = ForgettingCounter(ctx.num_train)
     train_proxy(ctx, 0, 2, method=counter)
     assert (counter.presentations == 2).all()

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.compute import ComputeMeter, forward_flops_per_example, full_data_flops
+from benchmarks.compute import ComputeMeter, flop_counter
 from benchmarks.errors import BenchError, NonFiniteLoss
 from benchmarks.hooks import Method, Selection
 from benchmarks.optim import lr_at
@@ -43,36 +43,59 @@ class FirstHalf(Method):
         super().__init__(**params)
         self.seen = []
 
-    def select(self, batch, model):
+    def select(self, batch, model, step):
         return Selection(keep=torch.arange((len(batch.y) + 1) // 2))
 
     def observe(self, step):
         self.seen.append(step.index.cpu())
 
 
-def test_forward_flops_of_a_linear_layer():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
-    assert forward_flops_per_example(model, (3, 2, 2)) == 2 * 12 * 5
+def test_meter_measures_what_runs_once_per_key_and_reuses_it():
+    layer = torch.nn.Linear(12, 5)
+    x = torch.randn(4, 12)  # no input gradient: the backward computes the weight's gradient only
+    meter = ComputeMeter()
+    for _ in range(3):
+        with meter.measure("train", ("step", 4), examples=4):
+            layer(x).sum().backward()
+    # forward addmm 2*4*12*5 = 480, backward weight mm 480: 960 per step, not "3 x forward" = 1440
+    assert meter.figures[("step", 4)] == 960 and meter.flops["train"] == 3 * 960
+    with meter.measure("eval", ("eval", 4)), torch.no_grad():
+        layer(x)
+    assert meter.flops["eval"] == 480 and meter.examples == {"train": 12, "selection": 0, "eval": 0}
+    assert meter.total == 3 * 960  # evaluation is not compared compute
 
 
-def test_meter_charges_backward_twice_forward():
-    meter = ComputeMeter(forward_flops=10)
-    meter.charge("train", 4, backward=True)
-    meter.charge("selection", 3, backward=False)
-    meter.charge("selection", 2, backward=True, forward_flops=100)
-    meter.charge("eval", 5, backward=False)
-    assert meter.flops == {"train": 120, "selection": 30 + 600, "eval": 50}
-    assert meter.total == 750  # evaluation is not compared compute
+def test_nested_blocks_are_charged_once():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    meter = ComputeMeter()
+    with flop_counter() as outside:
+        for _ in range(2):  # the second time both keys are known: nothing is counted, the same is charged
+            with meter.measure("train", "outer"), torch.no_grad():
+                layer(x)
+                with meter.measure("selection", "inner"):
+                    layer(layer(x))
+    assert meter.flops == {"train": 2 * 256, "selection": 2 * 512, "eval": 0}
+    assert meter.flops["train"] + meter.flops["selection"] == outside.get_total_flops()
 
 
 def test_full_run_charges_exactly_the_computed_full_flops(run_smoke):
     record = run_smoke("full")
     compute = record["compute"]
-    n, epochs, f = record["n_train"], 3, compute["forward_flops_per_example"]
-    assert compute["full_flops"] == full_data_flops(f, n, epochs) == 3 * f * n * epochs
+    # An independent count of one training step and one evaluation pass of the smoke model.
+    from benchmarks.models import create_model
+
+    model = create_model("tiny-cnn", in_chans=1, num_classes=4)
+    with flop_counter() as step:
+        torch.nn.functional.cross_entropy(model(torch.randn(64, 1, 8, 8)), torch.zeros(64, dtype=torch.long)).backward()
+    with flop_counter() as forward, torch.no_grad():
+        model(torch.randn(512, 1, 8, 8))
+    epochs, steps_per_epoch = 3, 1024 // 64
+    assert compute["full_flops"] == epochs * steps_per_epoch * step.get_total_flops()
     assert compute["train_flops"] == compute["full_flops"] and compute["fraction"] == 1.0
-    assert compute["selection_flops"] == 0
-    assert compute["eval_flops"] == f * 512 * epochs  # one forward per test example per epoch
+    assert compute["selection_flops"] == 0 and compute["reference"] == "full"
+    assert compute["eval_flops"] == epochs * forward.get_total_flops()  # one pass over the 512 test examples
+    assert "flop_counter" in compute["measurement"]
 
 
 @pytest.mark.parametrize("budget, expected_fraction", [("epochs", 0.5), ("iterations", 1.0)])
@@ -90,7 +113,7 @@ def test_uniform_subset_sizes_balance_and_seeds():
     from benchmarks.train import RunContext
 
     data = load_data("synthetic")
-    ctx = RunContext(load_protocol("smoke"), data, torch.device("cpu"), ComputeMeter(1), seed=0)
+    ctx = RunContext(load_protocol("smoke"), data, torch.device("cpu"), ComputeMeter(), seed=0)
     labels = data.train.labels
     for fraction in (0.1, 0.37, 1.0):
         method = create_method("uniform", fraction=fraction, class_balanced=True)
@@ -118,7 +141,7 @@ def test_observe_sees_original_indices_of_the_plan(tmp_path):
     from benchmarks.train import RunContext, Trainer
 
     protocol = load_protocol("smoke").replace(epochs=1)
-    ctx = RunContext(protocol, load_data("synthetic"), torch.device("cpu"), ComputeMeter(1), seed=0, log=quiet)
+    ctx = RunContext(protocol, load_data("synthetic"), torch.device("cpu"), ComputeMeter(), seed=0, log=quiet)
     uniform = create_method("uniform", fraction=0.25)
     uniform.ctx = ctx
     uniform.prepare(ctx)

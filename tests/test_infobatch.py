@@ -91,9 +91,40 @@ def test_first_epoch_trains_on_everything():
     assert len(plan.indices) == 1000 and plan.info["pruned_share"] == 0.0
 
 
-@pytest.mark.parametrize("delta,epochs,pruning", [(0.875, 8, 7), (0.875, 200, 175), (0.875, 10, 9),
-                                                   (0.07, 100, 7), (0.5, 3, 2), (0.0, 5, 0), (1.0, 4, 4)])
-def test_annealing_switches_at_ceil_delta_epochs(delta, epochs, pruning):
+def reference_pruning_epochs(delta: float, epochs: int) -> list[int]:
+    """Which epochs prune in the reference code (NUS-HPC-AI-Lab/InfoBatch, IBSampler), step by step.
+
+    The sampler resets once when it is built and once when each epoch starts iterating it; a reset
+    prunes unless its count of earlier resets exceeds stop_prune = num_epochs * delta.
+    """
+    stop_prune = epochs * delta
+    iterations = 0
+
+    def reset() -> bool:
+        nonlocal iterations
+        prunes = not iterations > stop_prune
+        iterations += 1
+        return prunes
+
+    reset()  # IBSampler.__init__
+    return [epoch for epoch in range(epochs) if reset()]  # IBSampler.__iter__ at each epoch
+
+
+GRID = [(delta, epochs) for delta in (0.875, 0.5, 0.07, 0.29, 0.0, 1.0, 0.9, 0.333)
+        for epochs in (1, 2, 3, 8, 10, 90, 100, 200)]
+
+
+@pytest.mark.parametrize("delta,epochs", GRID)
+def test_annealing_follows_the_reference_rule(delta, epochs):
+    pruning = reference_pruning_epochs(delta, epochs)
+    assert pruning == list(range(len(pruning)))  # a leading block of epochs
+    assert prune_epochs(delta, epochs) == len(pruning)
+
+
+@pytest.mark.parametrize("delta,epochs,pruning", [(0.875, 90, 78), (0.875, 200, 175), (0.875, 3, 2),
+                                                   (0.875, 8, 7), (0.07, 100, 7), (0.29, 100, 28)])
+def test_annealing_examples_from_the_issue(delta, epochs, pruning):
+    # 90 epochs: 78 (the earlier ceil rule gave 79); the 3-epoch smoke protocol anneals in its last epoch.
     assert prune_epochs(delta, epochs) == pruning
     method = method_with(SCORES, epochs=epochs, delta=delta, prune_ratio=0.5)
     for epoch in {0, pruning - 1, pruning, epochs - 1} & set(range(epochs)):
@@ -166,12 +197,13 @@ def test_smoke_run_charges_only_visited_examples(tmp_path):
     rec = execute(RunSpec("smoke", "infobatch", {"prune_ratio": 0.5}, 0, {"epochs": 4}), tmp_path,
                   log=lambda *a: None, progress=False)
     stats, compute = rec["method_stats"], rec["compute"]
-    assert stats["prune_epochs"] == 4 and stats["saved_passes"] > 0
+    assert stats["prune_epochs"] == 3 and stats["saved_passes"] > 0  # floor(0.875 * 4)
     assert compute["fraction"] < 1
     assert compute["fraction"] == pytest.approx(1 - stats["pruned_share"], rel=1e-12)
     assert compute["train_examples"] == rec["n_train"] * 4 - stats["saved_passes"]
     shares = [row["pruned_share"] for row in rec["curve"]]
-    assert shares[0] == 0.0 and all(s > 0 for s in shares[1:])  # epoch 0: all scores equal
+    assert shares[0] == 0.0 and all(s > 0 for s in shares[1:3])  # epoch 0: all scores equal
+    assert shares[3] == 0.0  # the last epoch anneals: full data
     assert [row["examples"] for row in rec["curve"]] == [round(rec["n_train"] * (1 - s)) for s in shares]
 
 
@@ -186,7 +218,7 @@ class LrRecorder(InfoBatch):
 def test_lr_schedule_completes_in_a_pruned_run():
     protocol = apply_overrides(load_protocol("smoke"), {"epochs": 4, "schedule": "onecycle"})
     data = load_data(protocol.dataset, None, protocol.data_kwargs)
-    ctx = RunContext(protocol=protocol, data=data, device=torch.device("cpu"), meter=ComputeMeter(0),
+    ctx = RunContext(protocol=protocol, data=data, device=torch.device("cpu"), meter=ComputeMeter(),
                      seed=0, log=lambda *a: None)
     method = LrRecorder(prune_ratio=0.7, delta=1.0)
     method.ctx, method.lrs = ctx, []

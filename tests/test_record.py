@@ -9,22 +9,25 @@ import pytest
 
 from benchmarks.record import RecordError, load_record, load_records, run_id, write_record
 
+FP = "0123456789abcdef"  # a protocol fingerprint (benchmarks.protocol.fingerprint)
+
 
 def test_run_id_is_stable_and_sensitive():
-    a = run_id("smoke", "uniform", {"fraction": 0.5, "class_balanced": False}, 0, {})
-    b = run_id("smoke", "uniform", {"class_balanced": False, "fraction": 0.5}, 0, {})
+    a = run_id("smoke", "uniform", {"fraction": 0.5, "class_balanced": False}, 0, {}, FP)
+    b = run_id("smoke", "uniform", {"class_balanced": False, "fraction": 0.5}, 0, {}, FP)
     assert a == b  # key order does not matter
-    assert a == "e3351d41e8addb66"  # pinned: a change of the hashing would orphan every stored record
-    assert run_id("smoke", "uniform", {"fraction": 0.5, "class_balanced": False}, 1, {}) != a
-    assert run_id("smoke", "uniform", {"fraction": 0.4, "class_balanced": False}, 0, {}) != a
-    assert run_id("smoke", "uniform", {"fraction": 0.5, "class_balanced": False}, 0, {"epochs": 2}) != a
-    assert run_id("smoke", "full", {}, 0, {}) != run_id("fashion-mnist", "full", {}, 0, {})
+    assert a == "6e2145ea80aa9cb8"  # pinned: a change of the hashing would orphan every stored record
+    assert run_id("smoke", "uniform", {"fraction": 0.5, "class_balanced": False}, 1, {}, FP) != a
+    assert run_id("smoke", "uniform", {"fraction": 0.4, "class_balanced": False}, 0, {}, FP) != a
+    assert run_id("smoke", "uniform", {"fraction": 0.5, "class_balanced": False}, 0, {"epochs": 2}, FP) != a
+    assert run_id("smoke", "uniform", {"fraction": 0.5, "class_balanced": False}, 0, {}, "f" * 16) != a
+    assert run_id("smoke", "full", {}, 0, {}, FP) != run_id("fashion-mnist", "full", {}, 0, {}, FP)
 
 
 def test_run_id_is_pinned_across_processes():
-    code = "from benchmarks.record import run_id; print(run_id('smoke', 'full', {}, 3, {'epochs': 2}))"
+    code = f"from benchmarks.record import run_id; print(run_id('smoke', 'full', {{}}, 3, {{'epochs': 2}}, '{FP}'))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert other == run_id("smoke", "full", {}, 3, {"epochs": 2})
+    assert other == run_id("smoke", "full", {}, 3, {"epochs": 2}, FP)
 
 
 def test_write_then_load_round_trip(tmp_path):

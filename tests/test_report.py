@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from benchmarks.plots import write_plots
-from benchmarks.record import load_records, record_path, write_record
+from benchmarks.record import SCHEMA, load_records, record_path, write_record
 from benchmarks.report import build_sections, compute_to_target, latex_escape, latex_tables, markdown_tables
 
 FULL_FLOPS = 1000
@@ -19,7 +19,7 @@ def write(out, rid, method, params, seed, acc, fraction, wall, curve, *, protoco
     metrics = {"test_acc": acc, "selected_epoch": len(curve)}
     if worst_group is not None:
         metrics["test_worst_group_acc"] = worst_group
-    record = {"schema": 1, "run_id": rid, "status": status, "protocol": protocol, "method": method,
+    record = {"schema": SCHEMA, "run_id": rid, "status": status, "protocol": protocol, "method": method,
               "params": params, "seed": seed, "overrides": overrides or {}, "budget": "epochs",
               "resolved_protocol": {"name": protocol, "budget": "epochs", "selection_rule": rule},
               "metrics": metrics if status == "complete" else {},
@@ -167,13 +167,24 @@ def test_groups_selection_rule_and_no_full_run(tmp_path):
 
 def test_corrupt_records_are_reported_with_their_path_not_fatal(results):
     (results / "runs" / "trunc.json").write_text('{"schema": 1, "run_id": "t", "sta')
-    bad = {"schema": 1, "run_id": "b", "status": "complete", "protocol": "toy", "method": "uniform",
+    bad = {"schema": SCHEMA, "run_id": "b", "status": "complete", "protocol": "toy", "method": "uniform",
            "params": {}, "seed": 9, "overrides": {}, "compute": "oops", "curve": []}
     write_record(results / "runs" / "bad.json", bad)
     sections, problems = sections_of(results)
     assert markdown_tables(sections) == {"toy": EXPECTED_TOY}  # the good records still make the same table
     assert len(problems) == 2
     assert any("trunc.json" in p for p in problems) and any("bad.json" in p and "malformed" in p for p in problems)
+
+
+def test_records_of_an_older_schema_are_refused_not_mixed(results):
+    old = {"schema": SCHEMA - 1, "run_id": "old", "status": "complete", "protocol": "toy", "method": "uniform",
+           "params": UNIFORM, "seed": 7, "overrides": {}, "metrics": {"test_acc": 0.5},
+           "compute": {"fraction": 0.5}, "curve": []}
+    write_record(results / "runs" / "old.json", old)
+    sections, problems = sections_of(results)
+    assert markdown_tables(sections) == {"toy": EXPECTED_TOY}  # the old record is not in the table
+    assert len(problems) == 1 and "old.json" in problems[0] and f"schema {SCHEMA - 1}" in problems[0]
+    assert "run it again" in problems[0]
 
 
 def test_latex_is_booktabs_with_escaped_text(results):

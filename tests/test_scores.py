@@ -11,17 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.compute import ComputeMeter
+from benchmarks.compute import ComputeMeter, flop_counter
 from benchmarks.data import load_data
 from benchmarks.errors import BenchError
+from benchmarks.pergrad import _outer_sq_norms, hooked_layers, last_layer_grad_norms, per_example_grad_norms
 from benchmarks.protocol import apply_overrides, load_protocol
+from benchmarks.proxies import protocol_fingerprint
 from benchmarks.registry import create_method
-from benchmarks.run import RunSpec, execute
+from benchmarks.run import RunSpec, build_context, execute
+from benchmarks.scoring import CCS_BINS, select_by_scores
 from benchmarks.subsets import class_quotas
 from benchmarks.train import RunContext
 from conftest import quiet
-from methods.pergrad import _outer_sq_norms, hooked_layers, last_layer_grad_norms, per_example_grad_norms
-from methods.scores import CCS_BINS, el2n_pass, protocol_fingerprint, select_by_scores
+from methods.scores import el2n_pass
 
 SCORE_METHODS = ["el2n", "grand", "grand-lastlayer", "ccs", "forgetting"]
 CORESET_METHODS = ["kcenter", "herding"]
@@ -148,7 +150,7 @@ def test_grand_lastlayer_is_the_last_layer_part_of_the_gradient():
 def smoke_ctx(seed: int = 0, cache_dir=None, **overrides) -> RunContext:
     protocol = apply_overrides(load_protocol("smoke"), overrides)
     data = load_data(protocol.dataset, None, protocol.data_kwargs)
-    return RunContext(protocol, data, torch.device("cpu"), ComputeMeter(1), seed=seed, log=quiet, cache_dir=cache_dir)
+    return RunContext(protocol, data, torch.device("cpu"), ComputeMeter(), seed=seed, log=quiet, cache_dir=cache_dir)
 
 
 def test_el2n_matches_a_hand_computation_in_eval_mode_without_augmentation():
@@ -263,7 +265,8 @@ def test_bad_selection_settings_are_bench_errors():
 
 
 @pytest.mark.parametrize("method, params, message", [
-    ("ccs", {"fraction": 0.9}, "ccs_beta=0.3 skips the hardest 30% and fraction=0.9 keeps 90%"),
+    ("ccs", {"fraction": 0.9, "ccs_beta": 0.3}, "ccs_beta=0.3 skips the hardest 30% and fraction=0.9 keeps 90%"),
+    ("ccs", {"fraction": 0.5, "ccs_beta": -0.5}, "must be in \\[0, 1\\), or -1"),
     ("el2n", {"fraction": 0.8, "offset": 0.3}, "offset=0.3 skips the hardest 30% and fraction=0.8"),
     ("grand", {"mode": "easiest", "offset": 0.1}, "offset applies to mode 'hardest' only"),
 ])
@@ -313,12 +316,14 @@ def test_each_method_runs_end_to_end_with_honest_compute(tmp_path, name):
     assert compute["fraction"] == pytest.approx((compute["train_flops"] + compute["selection_flops"])
                                                 / compute["full_flops"], rel=1e-12)
     assert compute["fraction"] == pytest.approx(0.5 + compute["selection_flops"] / compute["full_flops"])
-    method = create_method(name, **params)
+    # The same selection again, on a context without a cache, counted from outside as it runs.
     protocol, _ = spec.resolved()
-    labels = load_data("synthetic", None, protocol.data_kwargs).train.labels
-    predicted = method.predicted_selection_flops(protocol, labels, compute["forward_flops_per_example"],
-                                                 stats.get("feature_dim", 0))
-    assert compute["selection_flops"] == predicted
+    ctx = build_context(protocol, 0, log=quiet)
+    method = create_method(name, **params)
+    method.ctx = ctx
+    with flop_counter() as counted:
+        method.prepare(ctx)
+    assert compute["selection_flops"] == ctx.meter.flops["selection"] == counted.get_total_flops()
 
 
 def test_subset_survives_a_checkpoint_round_trip():
@@ -349,6 +354,6 @@ def test_scores_cli_writes_the_averaged_scores(tmp_path):
         assert float(row[2]) == pytest.approx((float(row[3]) + float(row[4])) / 2, rel=1e-6)
     full = load_data("synthetic", None, load_protocol("smoke").data_kwargs).train.labels
     assert all(int(full[int(row[5])]) == int(row[1]) for row in rows)
-    bad = parser.parse_args(["scores", "--protocol", "smoke", "--score", "aum", "--out", str(out)])
-    with pytest.raises(BenchError, match="unknown score 'aum'"):
+    bad = parser.parse_args(["scores", "--protocol", "smoke", "--score", "aumm", "--out", str(out)])
+    with pytest.raises(BenchError, match="unknown score 'aumm'"):
         bad.func(bad)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.errors import BenchError
 from benchmarks.record import load_record, record_path, write_record
 from benchmarks.run import RunSpec, checkpoint_path, execute
 from benchmarks.sweep import compress_indices, load_sweep, sweep_status, write_manifest
@@ -70,7 +71,9 @@ def test_spec_expands_to_the_cartesian_product(tmp_path):
 @pytest.mark.parametrize("spec", sorted(p.stem for p in (REPO / "benchmarks" / "sweeps").glob("*.toml")))
 def test_built_in_specs_load_with_valid_methods_and_parameters(spec):
     sweep = load_sweep(spec)  # checks keys, method names and every parameter against its range
-    assert sweep.runs and len({(r.method, tuple(sorted(r.params.items())), r.seed) for r in sweep.runs}) == len(sweep.runs)
+    distinct = {(r.method, tuple(sorted(r.params.items())), r.seed, json.dumps(r.overrides, sort_keys=True))
+                for r in sweep.runs}
+    assert sweep.runs and len(distinct) == len(sweep.runs)
 
 
 def test_fashion_pruning_spec_covers_the_static_pruning_grid():
@@ -115,10 +118,11 @@ def test_local_sweep_skips_complete_runs_and_reports_failures(tmp_path):
     assert "1 to run, 4 already complete" in again.stdout and "summary: 1 complete" in again.stdout
 
 
-def _start_and_wait_for(args: list[str], marker: str) -> subprocess.Popen:
+def _start_and_wait_for(args: list[str], marker: str, env: dict | None = None) -> subprocess.Popen:
     """Start the CLI and return once its output shows `marker` (then it is mid-run)."""
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     seen = []
     deadline = time.monotonic() + 120
     for line in proc.stdout:
@@ -247,3 +251,19 @@ name = "uniform-epoch"
     text = log.read_text()
     assert "received SIGUSR1" in text and f"requeued {job_id}_0" in text and "resumed at epoch" in text, text
     same_results(load_record(record_path(out, reference["run_id"])), reference)
+
+
+def test_a_block_may_add_overrides_and_the_command_line_wins(tmp_path):
+    spec = write_spec(tmp_path, GOOD_SPEC + """
+[[methods]]
+name = "full"
+overrides = { holdout = 64, epochs = 2 }
+""")
+    sweep = load_sweep(spec, {"epochs": 3})
+    plain = [r.overrides for r in sweep.runs if r.method == "uniform"]
+    own = [r.overrides for r in sweep.runs if r.method == "full" and "holdout" in r.overrides]
+    assert all(o == {"epochs": 3} for o in plain) and len(own) == 2
+    assert all(o == {"epochs": 3, "holdout": 64} for o in own)  # spec < block < --set
+    bad = write_spec(tmp_path, GOOD_SPEC + '\n[[methods]]\nname = "full"\noverrides = 3\n')
+    with pytest.raises(BenchError, match="'overrides' must be a table"):
+        load_sweep(bad)

@@ -126,7 +126,7 @@ def test_offline_run_holds_config_curve_and_summary(tmp_path, offline, monkeypat
     assert list(run.tags) == ["smoke"] and run.display_name == "uniform class_balanced=False, fraction=0.5 seed 0"
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["protocol"]["epochs"] == 2 and config["params"] == record["params"]
-    assert config["overrides"] == {"epochs": 2} and config["seed"] == 0
+    assert config["overrides"] == {"epochs": 2} and config["seed"] == 0 and config["schema"] == record["schema"]
     assert [row["epoch"] for row in history] == [1, 2]
     full = record["compute"]["full_flops"]
     for row, entry in zip(history, record["curve"]):
@@ -219,7 +219,7 @@ class FakeRun:
         self.id, self.state, self.group = record["run_id"], "finished", None
         self.config = {"_wandb": {}, "protocol": record["resolved_protocol"], "method": record["method"],
                        "params": record["params"], "overrides": record["overrides"], "seed": record["seed"],
-                       "run_id": record["run_id"], "budget": record["budget"]}
+                       "run_id": record["run_id"], "budget": record["budget"], "schema": record["schema"]}
         self.summary_metrics = {"status": "complete", "wall_clock_s": record["wall_clock_s"],
                                 **{f"final/{k}": v for k, v in record["metrics"].items()},
                                 **{f"compute/{k}": v for k, v in record["compute"].items()},

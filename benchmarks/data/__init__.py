@@ -7,14 +7,16 @@ one error says where it looked and what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import BenchError
-from . import sources
+from . import sources, spurious, waterbirds
 from .splits import StreamingSplit, TensorSplit
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "data-efficiency-bench"
@@ -26,7 +28,15 @@ class DataBundle:
     test: TensorSplit | StreamingSplit
     num_classes: int
     val: TensorSplit | StreamingSplit | None = None
-    train_origin: torch.Tensor | None = None  # with train_subset: each example's index in the full split
+    # With train_subset or a held-out split: each training example's index in the full training split.
+    train_origin: torch.Tensor | None = None
+    holdout: TensorSplit | StreamingSplit | None = None  # carved from the training data (carve_holdout)
+    holdout_origin: torch.Tensor | None = None  # its examples' indices in the full training split
+    # Groups (Waterbirds, spurious-fashion): how many there are (0 = the data has none), and the number
+    # of TRAINING examples in each, counted before the training labels are hidden from methods (the
+    # adjusted average accuracy weights each group's accuracy by these).
+    num_groups: int = 0
+    train_group_counts: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple:
@@ -42,6 +52,9 @@ class DataBundle:
 def search_roots(data_root: str | None) -> list[Path]:
     roots = []
     if data_root:
+        if not Path(data_root).is_dir():  # a typo would otherwise fall through to other copies silently
+            raise BenchError(f"--data-root '{data_root}' is not a folder (give an existing folder holding the "
+                             "datasets, or leave it out to use $BENCH_DATA and the usual places)")
         roots.append(Path(data_root))
     if os.environ.get("BENCH_DATA"):
         roots.append(Path(os.environ["BENCH_DATA"]))
@@ -50,15 +63,21 @@ def search_roots(data_root: str | None) -> list[Path]:
 
 
 def _missing(name: str, looked: list[Path], how: str) -> BenchError:
-    where = "\n  ".join(str(p) for p in looked)
-    return BenchError(f"dataset '{name}' not found. Looked in:\n  {where}\n{how}")
+    """One line: where it looked and what to do (the CLI prints BenchError messages as one line)."""
+    where = ", ".join(str(p) for p in looked)
+    return BenchError(f"dataset '{name}' not found (looked in {where}). {how}")
 
 
-def _fashion_mnist(roots: list[Path], kwargs: dict) -> DataBundle:
+def _fashion_mnist_candidates(roots: list[Path]) -> list[Path]:
     candidates = []
     for root in roots:
         candidates += [root / "fashion-mnist", root, root / "FashionMNIST" / "raw"]
     candidates.append(Path("/usr/share/datasets/fashion-mnist"))
+    return candidates
+
+
+def _fashion_mnist(roots: list[Path], kwargs: dict) -> DataBundle:
+    candidates = _fashion_mnist_candidates(roots)
     for folder in candidates:
         if sources.has_idx_files(folder):
             return _bundle_from_arrays(sources.read_fashion_mnist(folder), sources.FASHION_MNIST_STATS, 10)
@@ -103,28 +122,86 @@ def _imagenet(roots: list[Path], kwargs: dict) -> DataBundle:
                    "(imagenet/train/<class>/*.JPEG and imagenet/val/<class>/*.JPEG) under --data-root.")
 
 
-def _bundle_from_arrays(arrays: dict, stats: tuple, num_classes: int) -> DataBundle:
+def _bundle_from_arrays(arrays: dict, stats: tuple, num_classes: int, num_groups: int = 0) -> DataBundle:
+    """TensorSplits from {split_x, split_y[, split_g]} for train, test and (if present) val."""
     mean, std = stats
-    return DataBundle(
-        train=TensorSplit(arrays["train_x"], arrays["train_y"], mean, std),
-        test=TensorSplit(arrays["test_x"], arrays["test_y"], mean, std),
-        num_classes=num_classes)
+
+    def split(name: str) -> TensorSplit | None:
+        if f"{name}_x" not in arrays:
+            return None
+        return TensorSplit(arrays[f"{name}_x"], arrays[f"{name}_y"], mean, std, arrays.get(f"{name}_g"))
+
+    return DataBundle(train=split("train"), test=split("test"), val=split("val"), num_classes=num_classes,
+                      num_groups=num_groups)
+
+
+def _fashion_mnist_arrays(roots: list[Path]) -> dict | None:
+    for folder in _fashion_mnist_candidates(roots):
+        if sources.has_idx_files(folder):
+            return sources.read_fashion_mnist(folder)
+    return None
+
+
+def _spurious_fashion(roots: list[Path], kwargs: dict) -> DataBundle:
+    spurious.resolve_kwargs(kwargs)  # bad parameters fail before the data is read
+    arrays = _fashion_mnist_arrays(roots)
+    if arrays is None:
+        _fashion_mnist(roots, {})  # downloads where it can, or raises the one clear error
+        arrays = _fashion_mnist_arrays(roots)
+    made = spurious.make_spurious_fashion(arrays, kwargs)
+    flat = {f"{name}_{part}": tensor for name, (x, y, g) in made["splits"].items()
+            for part, tensor in zip("xyg", (x, y, g))}
+    return _bundle_from_arrays(flat, made["stats"], 2, spurious.NUM_GROUPS)
+
+
+def _waterbirds(roots: list[Path], kwargs: dict) -> DataBundle:
+    folder = waterbirds.find_folder(roots)
+    if folder is None:
+        raise _missing("waterbirds", waterbirds.candidate_folders(roots), waterbirds.WHERE_TO_GET)
+    splits = waterbirds.read_waterbirds(folder, kwargs)
+    return DataBundle(train=splits["train"], val=splits["val"], test=splits["test"], num_classes=2,
+                      num_groups=waterbirds.NUM_GROUPS)
+
+
+DATASETS = ("synthetic", "fashion-mnist", "spurious-fashion", "cifar10", "cifar100", "imagenet", "waterbirds")
+
+
+def dataset_has_groups(dataset: str, kwargs: dict | None = None) -> bool:
+    """Whether a dataset (with these data_kwargs) carries group labels, known without loading it."""
+    if dataset == "synthetic":
+        return bool((kwargs or {}).get("groups", False))
+    return dataset in ("spurious-fashion", "waterbirds")
 
 
 def load_data(dataset: str, data_root: str | None = None, kwargs: dict | None = None) -> DataBundle:
     """Load a dataset on the CPU; the trainer moves it to its device."""
     kwargs = dict(kwargs or {})
-    roots = search_roots(data_root)
+    try:
+        return _load(dataset, search_roots(data_root), kwargs)
+    except BenchError:
+        raise
+    except (OSError, EOFError, ValueError, TypeError, KeyError, pickle.UnpicklingError) as exc:
+        # A damaged file or bad data_kwargs: one line naming the dataset, not a traceback.
+        raise BenchError(f"dataset '{dataset}' could not be read ({type(exc).__name__}: {exc}); "
+                         "check the files under --data-root / $BENCH_DATA and the protocol's data_kwargs") from None
+
+
+def _load(dataset: str, roots: list[Path], kwargs: dict) -> DataBundle:
     if dataset == "synthetic":
         arrays, num_classes = sources.make_synthetic(**kwargs)
-        return _bundle_from_arrays(arrays, ((0.5,) * arrays["train_x"].shape[1],) * 2, num_classes)
+        return _bundle_from_arrays(arrays, ((0.5,) * arrays["train_x"].shape[1],) * 2, num_classes,
+                                   2 * num_classes if kwargs.get("groups") else 0)
     if dataset == "fashion-mnist":
         return _fashion_mnist(roots, kwargs)
+    if dataset == "spurious-fashion":
+        return _spurious_fashion(roots, kwargs)
+    if dataset == "waterbirds":
+        return _waterbirds(roots, kwargs)
     if dataset in sources.CIFAR_FOLDERS:
         return _cifar(dataset, roots, kwargs)
     if dataset == "imagenet":
         return _imagenet(roots, kwargs)
-    raise BenchError(f"unknown dataset '{dataset}' (known: synthetic, fashion-mnist, cifar10, cifar100, imagenet)")
+    raise BenchError(f"unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
 
 
 def restrict_train(bundle: DataBundle, n: int, seed: int = 0) -> DataBundle:
@@ -133,5 +210,38 @@ def restrict_train(bundle: DataBundle, n: int, seed: int = 0) -> DataBundle:
         return bundle
     generator = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(bundle.train), generator=generator)[:n].sort().values
-    return DataBundle(train=bundle.train.subset(keep), test=bundle.test, num_classes=bundle.num_classes,
-                      val=bundle.val, train_origin=keep)
+    return dataclasses.replace(bundle, train=bundle.train.subset(keep), train_origin=keep)
+
+
+def carve_holdout(bundle: DataBundle, size: int, generator: torch.Generator) -> DataBundle:
+    """Move `size` random training examples (drawn from `generator`) into a held-out split.
+
+    The two are disjoint; training indices are re-numbered 0..N-size-1 (the index every batch
+    carries), and train_origin / holdout_origin map both back to the full training split.
+    """
+    n = len(bundle.train)
+    if size <= 0:
+        return bundle
+    if size >= n:
+        raise BenchError(f"holdout of {size} examples leaves nothing to train on ({n} training examples)")
+    permutation = torch.randperm(n, generator=generator)
+    held, kept = permutation[:size].sort().values, permutation[size:].sort().values
+    origin = bundle.train_origin if bundle.train_origin is not None else torch.arange(n)
+    return dataclasses.replace(bundle, train=bundle.train.subset(kept), train_origin=origin[kept],
+                               holdout=bundle.train.subset(held), holdout_origin=origin[held])
+
+
+def count_train_groups(bundle: DataBundle) -> DataBundle:
+    """The bundle with `train_group_counts` set from its training split (as trained on: after
+    train_subset and the held-out split). Call before the labels are hidden."""
+    if not bundle.num_groups or bundle.train.groups is None:
+        return bundle
+    counts = torch.bincount(bundle.train.groups, minlength=bundle.num_groups)
+    return dataclasses.replace(bundle, train_group_counts=counts)
+
+
+def hide_train_groups(bundle: DataBundle, method: str) -> DataBundle:
+    """The bundle with the group labels of the training split (and of the held-out split carved from
+    it) hidden from `method`: reading them raises, batches carry none. Evaluation splits keep theirs."""
+    holdout = bundle.holdout.hide_groups(method) if bundle.holdout is not None else None
+    return dataclasses.replace(bundle, train=bundle.train.hide_groups(method), holdout=holdout)

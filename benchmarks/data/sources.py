@@ -88,22 +88,40 @@ def read_cifar(folder: Path, name: str) -> dict:
 
 
 def make_synthetic(n_train: int = 1024, n_test: int = 512, num_classes: int = 4, size: int = 8,
-                   channels: int = 1, noise: float = 60.0) -> tuple[dict, int]:
+                   channels: int = 1, noise: float = 60.0, groups: bool = False, correlation: float = 0.9,
+                   n_val: int = 256) -> tuple[dict, int]:
     """A fixed, learnable image dataset: one random prototype per class plus pixel noise.
 
-    Generated from a fixed seed so every run and method sees the same data.
+    Generated from a fixed seed so every run and method sees the same data. With `groups`, each
+    example also has a binary "place" that brightens (+40) or darkens (-40) the image: in training
+    it agrees with the class parity for exactly round(correlation * n_c) examples of class c, in the
+    validation split (n_val examples) and the test split for half of them; group = 2 * label + place
+    (2 * num_classes groups). A seconds-long stand-in for spurious-correlation data (tests only).
     """
     generator = torch.Generator().manual_seed(1234)
     prototypes = torch.rand(num_classes, channels, size, size, generator=generator) * 255
 
-    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(n: int, agreeing: float | None = None) -> tuple:
         labels = torch.randint(0, num_classes, (n,), generator=generator)
         pixels = prototypes[labels] + noise * torch.randn(n, channels, size, size, generator=generator)
-        return pixels.clamp(0, 255).round().to(torch.uint8), labels
+        if agreeing is None:
+            return pixels.clamp(0, 255).round().to(torch.uint8), labels
+        places = 1 - labels % 2
+        for c in range(num_classes):
+            members = (labels == c).nonzero().flatten()
+            chosen = members[torch.randperm(len(members), generator=generator)[:round(agreeing * len(members))]]
+            places[chosen] = c % 2
+        pixels = pixels + 40.0 * (2 * places - 1).view(-1, 1, 1, 1)
+        return pixels.clamp(0, 255).round().to(torch.uint8), labels, 2 * labels + places
 
-    train_x, train_y = draw(n_train)
-    test_x, test_y = draw(n_test)
-    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, num_classes
+    if not groups:
+        train_x, train_y = draw(n_train)
+        test_x, test_y = draw(n_test)
+        return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, num_classes
+    arrays = {}
+    for name, n, agreeing in (("train", n_train, correlation), ("val", n_val, 0.5), ("test", n_test, 0.5)):
+        arrays[f"{name}_x"], arrays[f"{name}_y"], arrays[f"{name}_g"] = draw(n, agreeing)
+    return arrays, num_classes
 
 
 def read_imagefolder(folder: Path, kwargs: dict):

@@ -22,7 +22,11 @@ Two batched ways to get it, never a Python loop over examples:
 "auto" uses the hooks where every trainable parameter sits in a covered layer called once per
 forward pass, else vmap. Both need the model in eval mode (BatchNorm from running statistics), so
 that examples are independent; the functions put the model in eval mode and restore its mode.
-The loss is the plain cross-entropy (no label smoothing), as in the paper.
+The loss is the plain cross-entropy (no label smoothing), as in the paper, unless the caller asks
+for the training loss's smoothing.
+
+The hooks' factors (each layer's input and output gradient, `capture_layer_factors`) are shared with
+benchmarks/ghost.py, which builds Gram matrices and subset gradients from them.
 """
 
 from __future__ import annotations
@@ -114,12 +118,21 @@ def _layer_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torc
     return sq
 
 
-class _NotHookable(Exception):
-    """The hooks cannot give exact per-example norms for this model (a layer called twice)."""
+class NotHookable(Exception):
+    """The hooks cannot give exact per-example quantities for this model (a layer called twice, or its
+    input modified in place after it ran)."""
 
 
-def _sq_norms_by_hooks(model: nn.Module, layers: list[nn.Module], x: torch.Tensor,
-                       y: torch.Tensor) -> torch.Tensor:
+def capture_layer_factors(model: nn.Module, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                          label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    """One forward and one backward of the summed per-example cross-entropy, keeping each layer's factors.
+
+    Returns (per-example losses, logits, [(layer, input, output gradient)] for every layer of `layers`),
+    all detached. The gradient at a layer's output of the SUM of the losses is, row by row, each example's
+    own gradient, provided the examples do not interact (BatchNorm from running statistics).
+    The factors are what every per-example quantity here is built from: squared norms (below), Gram
+    matrices and subset gradients (benchmarks/ghost.py).
+    """
     seen: list[tuple[nn.Module, torch.Tensor, int, torch.Tensor]] = []
 
     def keep(module, inputs, output):
@@ -136,19 +149,31 @@ def _sq_norms_by_hooks(model: nn.Module, layers: list[nn.Module], x: torch.Tenso
         for handle in handles:
             handle.remove()
     if len(seen) != len(layers) or len({id(m) for m, *_ in seen}) != len(layers):
-        raise _NotHookable("a layer ran more or less than once in the forward pass")
-    loss = F.cross_entropy(logits.float(), y, reduction="sum")  # sum: each example's own gradient
-    grads = torch.autograd.grad(loss, [out for *_, out in seen], allow_unused=True)
-    sq = torch.zeros(len(y), device=x.device, dtype=torch.float32)
-    for (module, a, version, _), g in zip(seen, grads):
+        raise NotHookable("a layer ran more or less than once in the forward pass")
+    # fp32 at least (a half-precision forward under autocast), fp64 kept (exact tests)
+    losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="none",
+                             label_smoothing=label_smoothing)
+    # sum: each example's own gradient
+    grads = torch.autograd.grad(losses.sum(), [out for *_, out in seen], allow_unused=True)
+    factors = []
+    for (module, a, version, out), g in zip(seen, grads):
         if a._version != version:
-            raise _NotHookable("a layer's input was modified in place after the layer ran")
-        if g is not None:
-            sq += _layer_sq_norms(module, a.float(), g.float())
+            raise NotHookable("a layer's input was modified in place after the layer ran")
+        factors.append((module, a, g if g is not None else torch.zeros_like(out)))
+    return losses.detach(), logits.detach(), factors
+
+
+def _sq_norms_by_hooks(model: nn.Module, layers: list[nn.Module], x: torch.Tensor,
+                       y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    _, _, factors = capture_layer_factors(model, layers, x, y, label_smoothing)
+    sq = torch.zeros(len(y), device=x.device, dtype=torch.float32)
+    for module, a, g in factors:
+        sq += _layer_sq_norms(module, a.float(), g.float())
     return sq
 
 
-def _sq_norms_by_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _sq_norms_by_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
     from torch.func import functional_call, grad, vmap
 
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -157,7 +182,7 @@ def _sq_norms_by_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
 
     def loss_of_one(params, xi, yi):
         logits = functional_call(model, (params, frozen, buffers), (xi.unsqueeze(0),))
-        return F.cross_entropy(logits.float(), yi.unsqueeze(0))
+        return F.cross_entropy(logits.float(), yi.unsqueeze(0), label_smoothing=label_smoothing)
 
     n_params = sum(p.numel() for p in params.values())
     chunk = max(1, min(len(y), VMAP_CHUNK_FLOATS // max(1, n_params)))
@@ -166,10 +191,12 @@ def _sq_norms_by_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
 
 
 def per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                           strategy: str = "auto") -> torch.Tensor:
+                           strategy: str = "auto", label_smoothing: float = 0.0) -> torch.Tensor:
     """|| grad_theta CE(f(x_i), y_i) ||_2 for each example of the batch, over all trainable parameters.
 
-    strategy: "auto", "hooks" or "vmap" (see the module docstring). Returns a float32 tensor [B].
+    strategy: "auto", "hooks" or "vmap" (see the module docstring). `label_smoothing`: that of the
+    loss whose gradient is taken (GraNd: 0, the paper's plain cross-entropy; an online selector
+    scoring the training loss passes the protocol's). Returns a float32 tensor [B].
     """
     if strategy not in ("auto", "hooks", "vmap"):
         raise ValueError(f"unknown strategy '{strategy}'")
@@ -182,11 +209,11 @@ def per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         with torch.enable_grad():
             if layers is not None:
                 try:
-                    return _sq_norms_by_hooks(model, layers, x, y).sqrt()
-                except _NotHookable:
+                    return _sq_norms_by_hooks(model, layers, x, y, label_smoothing).sqrt()
+                except NotHookable:
                     if strategy == "hooks":
                         raise
-            return _sq_norms_by_vmap(model, x, y).sqrt()
+            return _sq_norms_by_vmap(model, x, y, label_smoothing).sqrt()
     finally:
         model.train(was_training)
 

@@ -1,0 +1,173 @@
+"""GREATS (Wang et al., NeurIPS 2024, "GREATS: Online Selection of High-Quality Data for LLM Training
+in Every Iteration"): keep the candidates whose update most lowers a validation loss, greedily.
+
+Algorithm, every step, from a candidate batch of B = k x `candidate_factor` examples:
+  1. g_val = the gradient of the mean loss of `val_batch` examples drawn from a fixed set of
+     `val_size` held-out examples (drawn once from ctx.data.holdout);
+  2. score_i = eta * g_i . g_val, eta = the step's learning rate (first-order Taylor gain of the
+     validation loss from a step on example i);
+  3. k times: pick the highest-scoring remaining candidate p, then score_i -= eta^2 * g_i . g_p for
+     every remaining i (the second-order interaction with what is already picked, Hessian taken as
+     the identity). With `interaction` off, step 3 is a plain top-k of step 2.
+The sum of the gains of the picks is f(S) = eta sum_{i in S} g_i . g_val - eta^2 sum_{i<j in S} g_i . g_j,
+and each pick is the candidate with the largest marginal gain f(S + i) - f(S) (tests/test_online.py
+checks it against exhaustive search). Products come from benchmarks/ghost.py: one forward/backward
+over the B candidates and the validation examples together, per-layer ghost or materialised products.
+
+Use: python -m benchmarks run --protocol fashion-mnist --method greats --set holdout=0.1
+
+Decisions, and the pitfalls of the reference code they avoid:
+- Defaults follow the official code (Jiachen-T-Wang/GREATS): candidate_factor = 2 (its `fracinv`),
+  val_size = 5 validation examples (`n_val`), val_batch = 2 drawn per step (`val_batchsize`), the
+  scores in its convention (eta x TracIn minus eta^2 x interaction, eta the learning rate, the
+  examples' update summed: the trainer's step averages over k, so the exact Taylor weights would be
+  eta/k and eta^2/k^2; we keep the paper's, as its code does).
+- BatchNorm (every model of the suite has it) couples the examples in train mode, so per-example
+  gradients do not exist there. The rule: the products are computed with BatchNorm in EVAL mode,
+  from its running statistics (as GraNd scores); then the kept k train in a second, ordinary
+  train-mode pass, which the meter charges like any training step.
+- One pass where possible: a model without BatchNorm trains on the kept subset's gradient formed
+  from the candidate pass's own factors (benchmarks.ghost.subset_gradient, handed to the trainer
+  through Selection.gradients), so a step costs one forward/backward over B plus the products. The
+  candidate pass then runs in train mode: it IS the training forward of the kept examples.
+- The validation gradient uses the training loss (the protocol's label smoothing included), on
+  un-augmented held-out images; the validation examples are never trained on.
+- Every method of the family draws the same B and trains on the same k (benchmarks/online.py); the
+  official code's baselines train on half as many examples per step as GREATS.
+- The greedy runs on the CPU in float64 (one B x B transfer per step instead of k small device
+  launches); ties go to the earlier candidate.
+- The validation batch of a step is drawn from (run seed, step number): a resumed run draws the same.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from benchmarks.errors import BenchError
+from benchmarks.ghost import FORMS, capture, gram_with_validation, has_batchnorm, subset_gradient
+from benchmarks.hooks import Batch, Selection, Step
+from benchmarks.online import CANDIDATE_FACTOR, OnlineSelection, scoring_mode
+from benchmarks.pergrad import hooked_layers
+from benchmarks.registry import Param, register
+
+
+def greedy_pick(values: torch.Tensor, interactions: torch.Tensor | None, k: int, eta: float,
+                interaction: bool = True) -> torch.Tensor:
+    """GREATS's greedy selection: positions of k candidates, in the order picked.
+
+    values[i] = g_i . g_val, interactions[i, j] = g_i . g_j (unused, may be None, without `interaction`).
+    A pure function of its inputs.
+    """
+    gains = eta * values.detach().double().cpu().numpy()
+    pairs = interactions.detach().double().cpu().numpy() if interaction else None
+    available = np.ones(len(gains), dtype=bool)
+    picks = []
+    for _ in range(k):
+        pick = int(np.argmax(np.where(available, gains, -np.inf)))  # the first of equal maxima
+        picks.append(pick)
+        available[pick] = False
+        if interaction:
+            gains -= eta * eta * pairs[:, pick]
+    return torch.tensor(picks, dtype=torch.int64)
+
+
+def set_value(values: torch.Tensor, interactions: torch.Tensor, subset, eta: float,
+              interaction: bool = True) -> float:
+    """f(S) = eta sum_S g_i . g_val - eta^2 sum_{i<j in S} g_i . g_j: the sum of the greedy's gains."""
+    s = torch.as_tensor(list(subset), dtype=torch.int64)
+    value = eta * values.double()[s].sum()
+    if interaction:
+        block = interactions.double()[s][:, s]
+        value -= eta * eta * (block.sum() - block.diagonal().sum()) / 2
+    return float(value)
+
+
+@register("greats")
+class Greats(OnlineSelection):
+    """Greedy k of B by a 2nd-order validation-loss gain; products with BatchNorm in eval mode, then a train pass.
+
+    BatchNorm rule: per-example gradients are taken with BatchNorm in eval mode (running statistics);
+    the kept examples then train in an ordinary train-mode pass (one pass only without BatchNorm).
+    """
+
+    needs_holdout = True
+    params = {
+        "candidate_factor": CANDIDATE_FACTOR,
+        "val_size": Param(5, "held-out examples forming the fixed validation set", low=1),
+        "val_batch": Param(2, "validation examples drawn from that set each step", low=1),
+        "interaction": Param(True, "subtract eta^2 g_i . g_pick after each pick (False: top-k of eta g_i . g_val, "
+                                   "and only the B x val_batch products are computed)"),
+        "form": Param("auto", "per-layer product form: auto = the cheaper in FLOPs, or force one",
+                      choices=FORMS),
+        "one_pass": Param(True, "train on the subset gradient formed from the candidate pass when the model "
+                                "has no BatchNorm"),
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.validation: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.stats = {"one_pass_steps": 0, "two_pass_steps": 0, "ghost_weights": 0, "materialised_weights": 0}
+
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        if params["val_batch"] > params["val_size"]:
+            raise BenchError(f"method 'greats': val_batch={params['val_batch']} exceeds val_size="
+                             f"{params['val_size']} (each step draws val_batch of the val_size examples)")
+
+    def prepare(self, ctx) -> None:
+        self._validation()
+        if hooked_layers(ctx.new_model("ghost-probe")) is None:  # fail before training, not at its first step
+            raise BenchError(f"method 'greats': model '{ctx.protocol.model}' has trainable layers other than "
+                             "nn.Linear, nn.Conv2d and BatchNorm, which the ghost products do not cover")
+
+    def _validation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed validation set (built lazily: a resumed run does not call prepare)."""
+        if self.validation is None:
+            holdout, size = self.ctx.data.holdout, self.hparams["val_size"]
+            if holdout is None or len(holdout) < size:
+                raise BenchError(f"method 'greats' needs at least val_size={size} held-out examples and the "
+                                 f"protocol holds {0 if holdout is None else len(holdout)}; raise --set holdout=...")
+            chosen = torch.randperm(len(holdout), generator=self.ctx.generator("greats-validation"))[:size]
+            batch = next(iter(holdout.batches(chosen, size)))  # un-augmented
+            self.validation = (batch.x, batch.y)
+        return self.validation
+
+    def validation_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._validation()
+        drawn = torch.randperm(len(y), generator=self.ctx.generator("greats-validation-batch", step))
+        drawn = drawn[:self.hparams["val_batch"]].to(y.device)
+        return x[drawn], y[drawn]
+
+    def select(self, batch: Batch, model: torch.nn.Module, step: Step) -> Selection | None:
+        n, k = len(batch.y), self.kept(batch)
+        if k >= n:
+            return None
+        val_x, val_y = self.validation_batch(step.step)
+        one_pass = self.hparams["one_pass"] and not has_batchnorm(model)
+        # Two passes: BatchNorm from running statistics (eval mode), see the module docstring.
+        with (nullcontext() if one_pass else scoring_mode(model)), step.autocast():
+            captured = capture(model, torch.cat([batch.x, val_x.to(batch.x.dtype)]), torch.cat([batch.y, val_y]),
+                               self.ctx.protocol.label_smoothing)
+        values, interactions, used = gram_with_validation(captured, n, self.hparams["form"],
+                                                          self.hparams["interaction"])
+        keep = greedy_pick(values, interactions, k, step.lr, self.hparams["interaction"])
+        self.stats["ghost_weights"], self.stats["materialised_weights"] = used["ghost"], used["materialise"]
+        self.stats["one_pass_steps" if one_pass else "two_pass_steps"] += 1
+        if not one_pass:
+            return Selection(keep=keep)
+        keep_dev = keep.to(batch.y.device)
+        weights = batch.weight[keep_dev] if batch.weight is not None else None
+        return Selection(keep=keep, gradients=subset_gradient(model, captured, keep_dev, weights),
+                         losses=captured.losses[keep_dev], logits=captured.logits[keep_dev])
+
+    def summary(self) -> dict:
+        return dict(self.stats)
+
+    def state_dict(self) -> dict:
+        return {"stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = dict(state["stats"])
