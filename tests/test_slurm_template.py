@@ -58,7 +58,7 @@ def test_the_task_status_is_pythons_own_whatever_the_signals(case, tmp_path):
 
 def test_the_old_template_misreported_completed_runs(tmp_path):
     """The defect, reproduced: with `kill -0` deciding, most completed-as-signalled runs report 138."""
-    old = subprocess.run(["git", "show", "8e1e35a:slurm/array.sbatch"], cwd=REPO, capture_output=True, text=True)
+    old = subprocess.run(["git", "show", "2cef7f6:slurm/array.sbatch"], cwd=REPO, capture_output=True, text=True)
     if old.returncode != 0:
         pytest.skip("the old template is not in this clone's history")
     (tmp_path / "old.sbatch").write_text(old.stdout)
