@@ -19,8 +19,9 @@ Decisions:
 - Strong L2 and early stopping are what made Group DRO work in the paper: they come from the
   protocol (weight decay; checkpoint selection on validation worst-group accuracy), as for JTT.
 - q is part of the checkpoint, so a resumed run continues the same weights.
-- Multi-GPU: every rank must update q from the GLOBAL batch's group losses (all-gathered sums and
-  counts), or the ranks' weights drift apart; the trainer is single-process today.
+- Data parallel: refused (single_process_only). Each rank's objective sees only its shard, so its q
+  would move with its own group losses and the ranks' weights would drift apart; spreading it needs
+  the global batch's per-group sums and counts (all-reduced) in the update.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class GroupDRO(Method):
 
     reads_train_groups = True
     for_groups = True
+    single_process_only = "its group weights would be updated from each rank's own shard and drift apart"
     headline_params = ("eta",)
     params = {
         "eta": Param(0.01, "step size of the group weights' exponentiated-gradient update (the paper's eta_q)",

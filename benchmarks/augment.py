@@ -62,6 +62,7 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 @register_augmentation("crop", padding=4)
 def pad_crop(images: torch.Tensor, generator: torch.Generator, padding: int) -> torch.Tensor:
     """Per-example random crop of the image padded by `padding` zero pixels on each side."""
+    padding = int(padding)  # a whole number, checked; TOML may spell it 4.0
     if padding <= 0:
         return images
     b, c, h, w = images.shape
@@ -201,23 +202,35 @@ def parse_pipeline(specs: list, where: str = "augmentation", defaults: dict | No
         if unknown:
             raise BenchError(f"{where}: augmentation '{name}' has no parameter '{unknown[0]}' "
                              f"(its parameters: {', '.join(registered) or 'none'})")
-        params = dict(registered, **(defaults or {}).get(name, {}), **given)
+        params = {**registered, **(defaults or {}).get(name, {}), **given}  # the given value wins
         for key, value in params.items():
-            _check_param(where, name, key, value)
+            _check_param(where, name, key, value, pair=isinstance(registered[key], tuple))
         pipeline.append((op, params))
     return pipeline
 
 
-def _check_param(where: str, name: str, key: str, value) -> None:
-    numbers = value if isinstance(value, (list, tuple)) else [value]
+# Pair parameters whose low end must be above 0: a zero area, aspect ratio (log taken) or blur sigma
+# (divided by) has no image.
+_POSITIVE_PAIRS = ("scale", "ratio", "sigma")
+
+
+def _check_param(where: str, name: str, key: str, value, pair: bool) -> None:
+    def bad(why: str) -> BenchError:
+        return BenchError(f"{where}: augmentation '{name}' parameter '{key}' must be {why}, got {value!r}")
+
+    if pair != isinstance(value, (list, tuple)):
+        raise bad("a pair [low, high]" if pair else "a number")
+    numbers = value if pair else [value]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
-        raise BenchError(f"{where}: augmentation '{name}' parameter '{key}' must be a finite number or pair, "
-                         f"got {value!r}")
+        raise bad("made of finite numbers")
     if key == "p" and not 0 <= value <= 1:
-        raise BenchError(f"{where}: augmentation '{name}' parameter 'p' must be in [0, 1], got {value!r}")
-    if isinstance(value, (list, tuple)) and (len(value) != 2 or value[0] > value[1] or value[0] < 0):
-        raise BenchError(f"{where}: augmentation '{name}' parameter '{key}' must be a pair [low, high] with "
-                         f"0 <= low <= high, got {value!r}")
+        raise bad("in [0, 1]")
+    if key == "padding" and not (value == int(value) and value >= 0):
+        raise bad("a whole number of pixels >= 0")
+    if pair and (len(value) != 2 or value[0] > value[1] or value[0] < 0):
+        raise bad("a pair [low, high] with 0 <= low <= high")
+    if pair and key in _POSITIVE_PAIRS and value[0] <= 0:
+        raise bad("a pair [low, high] with 0 < low <= high")
 
 
 def apply_pipeline(images: torch.Tensor, pipeline: list[tuple[Op, dict]], generator: torch.Generator) -> torch.Tensor:

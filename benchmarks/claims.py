@@ -194,7 +194,7 @@ def _matching(records: list[dict], protocol: str, overrides: dict, side: Side) -
     from .replicate import _resolved_label, parse_setting
 
     params, setting_overrides = parse_setting(side.setting)
-    wanted = json.dumps(dict(overrides, **setting_overrides, **side.overrides), sort_keys=True)
+    wanted = json.dumps({**overrides, **setting_overrides, **side.overrides}, sort_keys=True)
     label = _resolved_label(side.method, params)
     return [r for r in records if r["protocol"] == protocol and r["method"] == side.method
             and json.dumps(r.get("overrides") or {}, sort_keys=True) == wanted

@@ -29,6 +29,7 @@ How a run is spread (benchmarks/train.py does it; the rules are here so they are
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class Dist:
 
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sum over the ranks (exact integers)."""
-        tensor = torch.tensor(values, dtype=torch.float64)  # float64 is exact to 2^53: FLOP counts fit
+        tensor = torch.tensor(values, dtype=torch.int64)  # FLOP counts pass 2^53 (an ImageNet epoch)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.control)
         return [int(v) for v in tensor.tolist()]
 
@@ -71,6 +72,12 @@ class Dist:
         tensor = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.control)
         return tensor.tolist()
+
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """In place: each tensor averaged over the ranks, as DDP averages gradients."""
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor.div_(self.world_size)
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's tensor concatenated along dim 0, in rank order (the rows may differ in number)."""
@@ -99,9 +106,6 @@ class Dist:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.control)
         return out
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.control)
 
 
 def shard_of(n: int, rank: int, world_size: int) -> slice:
@@ -183,8 +187,17 @@ def setup(device_type: str) -> Dist | None:
                              f"{backend}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): "
                              f"{exc}") from None
     control = dist.new_group(backend="gloo") if backend != "gloo" else None
+    # Leave the group before the interpreter exits: a rank that ends while the others still work
+    # (rank 0 writing the record) otherwise dies in gloo's thread teardown ("terminate called
+    # without an active exception", SIGABRT), and torchrun or srun counts the run as failed.
+    atexit.register(_leave)
     _CURRENT = Dist(info["rank"], info["world_size"], info["local_rank"], backend, control)
     return _CURRENT
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Dist | None:

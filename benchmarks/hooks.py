@@ -156,6 +156,9 @@ class Method:
     save_model: ClassVar[bool] = False
     # Data parallel: True when some trainable parameters may get no gradient in a step (DDP must look).
     unused_parameters: ClassVar[bool] = False
+    # Data parallel: why the method cannot be spread over ranks (state it updates from a rank's own
+    # shard would differ between ranks), or "" when it can. A data-parallel run of it is refused.
+    single_process_only: ClassVar[str] = ""
     # True: the method reads TRAINING group labels (batch.group, ctx.data.train.groups). It is then an
     # oracle reference (Group DRO), marked so in `list` and in tables, and needs data with groups. For
     # every other method the training split's group labels are hidden: reading them raises.

@@ -16,6 +16,7 @@ Pretrained weights (protocol keys `pretrained`, `pretrained_file`; Waterbirds' I
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -186,6 +187,31 @@ def _pretrained_local(model: nn.Module, path: str, name: str) -> nn.Module:
     except RuntimeError as exc:
         raise BenchError(f"pretrained_file '{path}' does not fit '{name}' ({_first_line(exc)})") from None
     return model
+
+
+# Set from the data and the protocol's own keys, never through model_kwargs.
+_SET_ELSEWHERE = ("in_chans", "num_classes", "pretrained", "pretrained_file")
+
+
+def check_model_kwargs(name: str, kwargs: dict) -> None:
+    """model_kwargs the model can take, checked when a protocol is loaded (not as a run's traceback).
+
+    A local model's factory names what it takes; timm models are checked by timm when built.
+    """
+    taken = sorted(set(kwargs) & set(_SET_ELSEWHERE))
+    if taken:
+        raise BenchError(f"model_kwargs '{taken[0]}' is set by the data or the protocol's own keys, "
+                         f"not model_kwargs")
+    factory = _LOCAL.get(name)
+    if factory is None:
+        return
+    accepted = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
+    own = [k for k in accepted if k not in _SET_ELSEWHERE]
+    unknown = sorted(set(kwargs) - set(own))
+    if unknown:
+        raise BenchError(f"model '{name}' takes no model_kwargs '{unknown[0]}' (it takes: {', '.join(own) or 'none'})")
 
 
 def create_model(name: str, in_chans: int, num_classes: int, pretrained: bool = False, pretrained_file: str = "",

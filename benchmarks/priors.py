@@ -54,7 +54,8 @@ def prior_identity(spec: str, ctx: RunContext) -> dict:
     run's model and seed, a weights file on its contents (size and modification time stand in)."""
     if spec == "random":
         return {"prior": spec, "model": ctx.protocol.model, "model_kwargs": ctx.protocol.model_kwargs,
-                "seed": ctx.seed}
+                "seed": ctx.seed, "pretrained": ctx.protocol.pretrained,  # a protocol's weights start it
+                "pretrained_file": ctx.protocol.pretrained_file}
     if spec.startswith("timm:") and "@" in spec:
         path = Path(spec.split("@", 1)[1]).expanduser()
         stat = path.stat() if path.exists() else None

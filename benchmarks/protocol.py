@@ -22,6 +22,7 @@ else:  # pragma: no cover
 
 from .augment import parse_pipeline
 from .errors import BenchError
+from .models import check_model_kwargs
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 
@@ -151,6 +152,10 @@ def _check_values(p: Protocol, where: str) -> None:
         raise bad("eval_every", "must be >= 1")
     if not 0 < p.onecycle_pct_start < 1:
         raise bad("onecycle_pct_start", "must be in (0, 1)")
+    try:
+        check_model_kwargs(p.model, p.model_kwargs)
+    except BenchError as exc:
+        raise BenchError(f"{where}: {exc}") from None
     for key in ("augment", "view_augment"):
         parse_pipeline(getattr(p, key), f"{where}: key '{key}'", p.augment_defaults())
     if p.crop_padding < 0:

@@ -267,6 +267,29 @@ def _call_loggers(loggers: list[RunLogger], hook: str, *args, log=print) -> floa
     return time.perf_counter() - started
 
 
+def _prepare_once(method, ctx: RunContext, dist: Dist) -> None:
+    """Data parallel: `prepare` on rank 0 alone; every rank then holds its result (what a checkpoint
+    holds). A failure on rank 0 (a stop request during a proxy included) reaches every rank, which
+    would otherwise wait in the broadcast until the collective timeout."""
+    failure = None
+    if dist.is_main:
+        try:
+            method.prepare(ctx)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            failure = exc
+    outcome = dist.broadcast((None, type(failure).__name__, str(failure)) if failure is not None
+                             else (_on_cpu(method.state_dict()) if dist.is_main else None, None, None))
+    state, error, message = outcome
+    if failure is not None:
+        raise failure
+    if error == Preempted.__name__:
+        raise Preempted(message)
+    if error is not None:
+        raise RuntimeError(f"prepare failed on rank 0: {error}: {message}")
+    if not dist.is_main:
+        method.load_state_dict(state)
+
+
 def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None = None,
             device: str | None = None, progress: bool | None = None, force: bool = False,
             log=print, loggers: list[RunLogger] = (), group: str | None = None, save: bool = False) -> dict:
@@ -324,12 +347,10 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
             earlier_seconds = resumed["elapsed_s"]
         else:
             prepare_started = time.perf_counter()
-            if main:
+            if dist is None:
                 method.prepare(ctx)
-            if dist is not None:  # prepare ran once; every rank holds its result (what a checkpoint holds)
-                state = dist.broadcast(_on_cpu(method.state_dict()) if main else None)
-                if not main:
-                    method.load_state_dict(state)
+            else:
+                _prepare_once(method, ctx, dist)
             ctx.meter.sync(dist)
             trainer.state.seconds += time.perf_counter() - prepare_started
             save_checkpoint(ckpt_path, _checkpoint(ctx, trainer, wall_clock()))

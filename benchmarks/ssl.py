@@ -138,6 +138,7 @@ class BYOLMethod(Method):
 
     kind = "self-supervised"
     augment_batches = False  # views are drawn from the raw images with batch.view()
+    unused_parameters = True  # the backbone's classifier head gets no gradient (DDP must not wait for it)
     headline_params = ("budget",)
     params = SSL_PARAMS
 

@@ -98,6 +98,7 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
         method_class(entry["name"])
         block_slurm = entry.get("slurm", {})
         _check_keys(block_slurm, SLURM_KEYS, f"{entry_where} slurm")
+        check_slurm_options(block_slurm, f"{entry_where} slurm")
         block_overrides = entry.get("overrides", {})
         if not isinstance(block_overrides, dict):
             raise BenchError(f"{entry_where}: 'overrides' must be a table, e.g. overrides = {{ holdout = 0.1 }}")
@@ -105,6 +106,8 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
         # reference run), then the command line's (--set, --quick).
         overrides = {**spec_overrides, **block_overrides, **extra_overrides}
         grid = entry.get("grid", {})
+        if not isinstance(grid, dict):
+            raise BenchError(f"{entry_where}: 'grid' must be a table, e.g. grid = {{ fraction = [0.5, 0.3] }}")
         axes = {}
         for key, values in grid.items():
             values = values if isinstance(values, list) else [values]

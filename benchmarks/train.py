@@ -115,13 +115,6 @@ class RunContext:
             model = create_model(self.protocol.model, **kwargs)
         return model.to(self.device)
 
-    def fit(self, model: torch.nn.Module, method: Method | None = None, *, epochs: int | None = None,
-            purpose: str = "selection", evaluate: bool = False, tag: str = "proxy") -> TrainState:
-        """Train `model` under the protocol (proxy runs use this from `prepare`); metered as `purpose`."""
-        trainer = Trainer(self, model, method or Method(), purpose=purpose, evaluate=evaluate,
-                          epochs=epochs, tag=tag)
-        return trainer.fit()
-
 
 def per_example_cross_entropy(protocol: Protocol) -> Callable:
     def objective(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +131,8 @@ def check_distributable(protocol: Protocol, method: Method, device: torch.device
     if protocol.sync_batchnorm and device.type != "cuda":
         raise BenchError("sync_batchnorm needs CUDA: torch's SyncBatchNorm runs on GPUs only "
                          "(drop --set sync_batchnorm=true to keep per-rank BatchNorm statistics)")
+    if method.single_process_only:
+        raise BenchError(f"method '{method.name}' runs in one process only: {method.single_process_only}")
     if overrides(method, "select") and not method.augment_batches:
         raise BenchError(f"method '{method.name}' selects online and draws its own views: its ranks would draw "
                          "different views; run it in one process")
@@ -219,7 +214,9 @@ class Trainer:
                 "method": self.method.state_dict(), "train_state": vars(self.state).copy(),
                 "partial": vars(self.partial).copy() if self.partial is not None else None,
                 "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                # this run's own GPU only: get_rng_state_all() would open a context on every visible
+                # GPU, from every rank of a data-parallel run
+                "cuda_rng": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -229,9 +226,10 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.state = TrainState(**state["train_state"])
         self.partial = EpochProgress(**state["partial"]) if state.get("partial") else None
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        # RNG states are CPU byte tensors whatever map_location moved the checkpoint to
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] is not None and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.ctx.device)
 
     # -- the epoch -------------------------------------------------------------------------------
     def epoch_order(self, epoch: int, plan: EpochPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -286,7 +284,7 @@ class Trainer:
         self.partial = None
         batch_size = protocol.batch_size * self.method.candidate_multiplier
         steps_this_epoch = -(-len(progress.order) // batch_size)
-        generator = torch.Generator().set_state(progress.augment_rng)
+        generator = torch.Generator().set_state(progress.augment_rng.cpu())
         first = progress.steps_done * batch_size
         batches = self.batches(progress.order[first:], batch_size, generator,
                                progress.weights[first:] if progress.weights is not None else None)
@@ -404,7 +402,10 @@ class Trainer:
         return batch.take(selection.keep.to(batch.x.device), selection.weights), selection
 
     def apply_gradients(self, gradients: dict[str, torch.Tensor]) -> None:
-        """Leave `gradients` (name -> tensor, every trainable parameter) for the optimiser, as a backward would."""
+        """Leave `gradients` (name -> tensor, every trainable parameter) for the optimiser, as a backward would.
+
+        Data parallel: averaged over the ranks, as DDP's backward averages them (no backward ran here).
+        """
         self.optimizer.zero_grad(set_to_none=True)
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
@@ -413,6 +414,8 @@ class Trainer:
                 raise ValueError(f"the selection's gradients lack trainable parameter '{name}'")
             grad = gradients[name].detach().to(param.dtype)
             param.grad = self.scaler.scale(grad) if self.scaler is not None else grad
+        if self.dist is not None:
+            self.dist.average_([p.grad for p in self.model.parameters() if p.grad is not None])
 
     def _step(self, batch: Batch, step: Step, selection: Selection | None = None) -> torch.Tensor:
         meter = self.ctx.meter

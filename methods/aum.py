@@ -97,7 +97,7 @@ class AUM(ScoreSelection):
     """Keep examples by area under the margin of proxy runs (Pleiss et al. 2020); mode hardest keeps the lowest."""
 
     score_kind = "aum"
-    params = score_params(AUM_EPOCH)
+    params = score_params(AUM_EPOCH, score_runs=1)  # Pleiss et al. record the margins of one training run
 
     def extra_stats(self, extra: list[dict]) -> dict:
         return {"negative_aum_share": sum(e["negative_aum_share"] for e in extra) / len(extra)}

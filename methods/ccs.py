@@ -6,9 +6,12 @@ uniformly inside a stratum (the selection itself: benchmarks/scoring.py, mode "c
 every score method).
 
 As the paper runs it:
-- score: AUM (area under the margin, Pleiss et al. 2020; methods/aum.py) of full proxy trainings,
-  the paper's default importance score (the official README's "CCS with AUM":
-  `--coreset-key accumulated_margin`). `score="el2n"` gives EL2N-stratified CCS (the suite's earlier
+- score: AUM (area under the margin, Pleiss et al. 2020; methods/aum.py) of ONE full proxy training
+  (score_runs = 1: the official generate_importance_score.py reads one training run's dynamics; the
+  suite's other score methods average 10 runs, as the EL2N paper does), the paper's default
+  importance score (the official README's "CCS with AUM": `--coreset-key accumulated_margin`). The
+  paper's AUM is the logit margin (score = "aum", the default); the official code's
+  accumulated_margin is the softmax-probability margin, available as score = "aum-softmax". `score="el2n"` gives EL2N-stratified CCS (the suite's earlier
   default), `score="forgetting"` and the others are available too. The paper's Algorithm 1 cuts and
   stratifies by the same score; the official train.py always cuts by AUM whatever it stratifies by,
   which is the same thing for the default score.
@@ -54,6 +57,6 @@ class CCS(ScoreSelection):
     headline_params = ("fraction", "score")
     params = dict(score_params(epoch_param(-1, "proxy epochs before scoring; -1 = the score's default "
                                            "(aum, forgetting: all the protocol's; el2n: 10%)"),
-                               mode="ccs", ccs_beta=PAPER_BETA),
+                               mode="ccs", ccs_beta=PAPER_BETA, score_runs=1),
                   score=Param("aum", "the importance score CCS cuts and stratifies by (the paper: AUM)",
                               choices=SCORES))

@@ -172,6 +172,8 @@ class RELA(BYOLMethod):
     """RELA: a prior's PCA'd features as targets (RELA-D), then BYOL once their loss plateaus (RELA-F)."""
 
     headline_params = ("budget", "prior")
+    # The plateau rule reads the rank's own loss: ranks could switch phase at different steps.
+    single_process_only = "its plateau rule reads each rank's own loss, so ranks could switch phase apart"
     params = dict(SSL_PARAMS, **{
         "prior": Param("random", "the prior model: random, run:<run_id>, timm:<name> or timm:<name>@<weights file>"),
         "switch_epoch": Param(-1, "-1: the official plateau rule switches lambda to 0; e >= 0: switch at the start "

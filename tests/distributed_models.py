@@ -3,6 +3,7 @@ use them load in the test process too (tests/distributed_support.py runs the CLI
 - `test-count-forgetting`: full-data training that counts forgetting events in its own `observe`
   (the main run's per-example outcomes, all-gathered under data parallelism); the counts' digest
   and total go to method_stats.
+- `test-failing-prepare`: a method whose prepare raises.
 - model `tiny-cnn-rank-bn`: the smoke model whose BatchNorm, in training, normalises each half of the
   batch with that half's statistics and updates its running statistics from the first half only.
   That is exactly what 2-rank DDP with per-rank BatchNorm computes (each rank normalises its shard;
@@ -49,6 +50,14 @@ class CountForgetting(Method):
 
     def load_state_dict(self, state):
         self.events, self.last = state["events"], state["last"]
+
+
+@register("test-failing-prepare")
+class FailingPrepare(Method):
+    """Test-only: its prepare (which runs on rank 0 alone) fails."""
+
+    def prepare(self, ctx):
+        raise ValueError("the proxy's data is unreadable")
 
 
 class RankBatchNorm2d(torch.nn.BatchNorm2d):

@@ -388,6 +388,17 @@ def test_bad_augmentation_specs_name_the_problem(spec, message):
     assert message in str(info.value) and "view_augment" in str(info.value)
 
 
+def test_a_crop_padding_given_in_the_pipeline_wins_over_the_protocols():
+    from benchmarks.augment import parse_pipeline
+
+    protocol = apply_overrides(load_protocol("smoke"), {"augment": [{"name": "crop", "padding": 2}],
+                                                        "crop_padding": 4})
+    [(_, params)] = parse_pipeline(protocol.augment, "augment", protocol.augment_defaults())
+    assert params == {"padding": 2}
+    [(_, params)] = parse_pipeline(["crop"], "augment", protocol.augment_defaults())
+    assert params == {"padding": 4}
+
+
 def test_views_are_drawn_from_the_runs_generator():
     ctx = build_context(apply_overrides(load_protocol("smoke"), TWO_VIEW_SET), 0, log=quiet)
     batch = next(iter(ctx.data.train.batches(torch.arange(16), 16, views=_views(ctx))))

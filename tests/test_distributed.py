@@ -188,6 +188,51 @@ def test_online_selection_with_views_is_refused_under_data_parallel():
         check_distributable(load_protocol("smoke"), SelectsWithViews(), torch.device("cpu"))
 
 
+def test_one_pass_online_selection_averages_its_gradients_over_the_ranks(tmp_path):
+    # GREATS without BatchNorm forms the kept examples' gradient itself (no backward, so no DDP
+    # all-reduce): the trainer must average it over the ranks, so it equals the two-pass path, whose
+    # backward goes through DDP.
+    args = (*NO_BN, "--set", "epochs=1", "--set", "holdout=0.1")
+    one_pass = run(2, tmp_path / "one-pass", "greats", *args)
+    two_pass = run(2, tmp_path / "two-pass", "greats", *args, "--param", "one_pass=false")
+    assert one_pass["method_stats"]["one_pass_steps"] > 0 and one_pass["method_stats"]["two_pass_steps"] == 0
+    assert two_pass["method_stats"]["one_pass_steps"] == 0
+    a, b = weights(tmp_path / "one-pass", one_pass), weights(tmp_path / "two-pass", two_pass)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_byol_trains_on_two_ranks(tmp_path):
+    # Its backbone's classifier head gets no gradient: DDP must be told, or the second step fails.
+    command = launch(2, "run", "--protocol", "smoke-ssl", "--method", "byol", "--set", "epochs=1",
+                     "--out", str(tmp_path))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [path] = list((tmp_path / "runs").glob("*.json"))
+    record = json.loads(path.read_text())
+    assert record["distributed"]["world_size"] == 2 and record["distributed"]["ranks_agree"]
+    assert record["status"] == "complete" and record["metrics"]["test_acc"] > 0.25  # 4 classes
+
+
+def test_a_failing_prepare_on_rank_0_ends_every_rank_at_once(tmp_path):
+    # prepare runs on rank 0 alone: the other ranks must learn of its failure, not wait in the
+    # broadcast until the collective timeout (30 minutes).
+    command = launch(2, "run", "--protocol", "smoke", "--method", "test-failing-prepare", "--out", str(tmp_path))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "prepare failed on rank 0: ValueError: the proxy's data is unreadable" in output
+
+
+@pytest.mark.parametrize("method", ["group-dro", "rela"])
+def test_methods_whose_state_comes_from_a_ranks_shard_are_refused_under_data_parallel(method):
+    from benchmarks.protocol import load_protocol
+    from benchmarks.registry import create_method
+    from benchmarks.train import check_distributable
+
+    with pytest.raises(BenchError, match="runs in one process only"):
+        check_distributable(load_protocol("smoke"), create_method(method), torch.device("cpu"))
+
+
 # -- the real one-node Slurm cluster: one array task = one 2-rank run ------------------------------
 
 @pytest.fixture(scope="module")
