@@ -37,8 +37,10 @@ def test_methods_run_at_their_papers_settings():
         by_method.setdefault(run.method, []).append(run.params)
     assert sorted({p["prune_ratio"] for p in by_method["infobatch"]}) == [0.3, 0.5, 0.7]
     assert {p["delta"] for p in by_method["infobatch"]} == {0.875}
-    for name in ("el2n", "grand", "grand-lastlayer", "forgetting", "aum", "ccs"):
+    for name in ("el2n", "grand", "grand-lastlayer", "forgetting"):
         assert {p["score_runs"] for p in by_method[name]} == {10}, name
+    for name in ("aum", "ccs"):  # one training run's margins, as the AUM paper and the official CCS code
+        assert {p["score_runs"] for p in by_method[name]} == {1}, name
     assert {p["score_epoch"] for p in by_method["el2n"]} == {-1}  # 10% of 200 = epoch 20
     assert {p["score_epoch"] for p in by_method["grand"]} == {0}  # at initialisation
     assert {p["score_epoch"] for p in by_method["forgetting"]} == {-1}  # the whole training
