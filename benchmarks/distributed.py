@@ -23,6 +23,8 @@ How a run is spread (benchmarks/train.py does it; the rules are here so they are
 - Evaluation is sharded and gathered (accuracy), or runs on rank 0 (a linear probe, a method's own).
 - Rank 0 alone writes records, checkpoints, saved models and W&B. A checkpoint holds global state
   only (the visiting order, the step within it, one model), so it resumes on any number of ranks.
+- A method whose state would follow a rank's own shard says why (Method.single_process_only) and
+  is refused before the run starts (Group DRO, RELA).
 - BatchNorm statistics are per rank (a rank normalises with its shard's statistics) unless the
   protocol asks for `sync_batchnorm` (torch's SyncBatchNorm, GPUs only); the record says which.
 """
