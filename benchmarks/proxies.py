@@ -26,7 +26,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -225,19 +225,32 @@ def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.
 
 
 @torch.no_grad()
-def embedding_pass(model: torch.nn.Module, ctx: RunContext, tag: str = "embedding-pass",
-                   split: TensorSplit | StreamingSplit | None = None) -> torch.Tensor:
-    """Penultimate embeddings of every example of the split [N, d] (eval mode, un-augmented), metered
-    as selection, on the training device."""
+def per_example_pass(model: torch.nn.Module, ctx: RunContext, tag, outputs: Callable,
+                     split: TensorSplit | StreamingSplit | None = None) -> torch.Tensor:
+    """`outputs(model, batch)` for every example of the training split (or `split`), rows in example order.
+
+    Eval mode (the model's mode is restored after), un-augmented batches, each batch metered as
+    selection under `tag`: the one loop behind every scoring pass (EL2N, last-layer GraNd, JTT's
+    error set, RHO-Loss's irreducible losses, embeddings). The result stays where `outputs` put it.
+    """
     was_training = model.training
     model.eval()
     out = None
-    for batch in train_batches(ctx, split=split):
-        with ctx.meter.measure("selection", (tag, tuple(batch.x.shape)), examples=len(batch.y)):
-            features = embed(model, batch.x).float()
-        if out is None:
-            out = torch.empty(len(split if split is not None else ctx.data.train), features.shape[1],
-                              device=features.device)
-        out[batch.index] = features
-    model.train(was_training)
+    try:
+        for batch in train_batches(ctx, split=split):
+            with ctx.meter.measure("selection", (tag, tuple(batch.x.shape)), examples=len(batch.y)):
+                values = outputs(model, batch)
+            if out is None:
+                n = len(split if split is not None else ctx.data.train)
+                out = values.new_empty((n, *values.shape[1:]))
+            out[batch.index.to(values.device)] = values
+    finally:
+        model.train(was_training)
     return out
+
+
+def embedding_pass(model: torch.nn.Module, ctx: RunContext, tag="embedding-pass",
+                   split: TensorSplit | StreamingSplit | None = None) -> torch.Tensor:
+    """Penultimate embeddings of every example of the split [N, d] (eval mode, un-augmented), metered
+    as selection, on the training device."""
+    return per_example_pass(model, ctx, tag, lambda m, batch: embed(m, batch.x).float(), split)

@@ -42,7 +42,7 @@ import torch
 from benchmarks.errors import BenchError
 from benchmarks.hooks import EpochPlan, Method
 from benchmarks.protocol import Protocol
-from benchmarks.proxies import train_batches, train_proxy
+from benchmarks.proxies import per_example_pass, train_proxy
 from benchmarks.registry import Param, register
 from benchmarks.train import RunContext
 
@@ -68,18 +68,9 @@ def resolve_stage1_epochs(value: int, protocol: Protocol) -> int:
     return epochs
 
 
-@torch.no_grad()
 def predict_train(model: torch.nn.Module, ctx: RunContext, tag: str) -> torch.Tensor:
     """Predicted class of every training example [N] (CPU), eval mode, un-augmented; metered as selection."""
-    was_training = model.training
-    model.eval()
-    predictions = torch.empty(ctx.num_train, dtype=torch.long)
-    for batch in train_batches(ctx):
-        with ctx.meter.measure("selection", (tag, tuple(batch.x.shape)), examples=len(batch.y)):
-            logits = model(batch.x)
-        predictions[batch.index.cpu()] = logits.argmax(1).cpu()
-    model.train(was_training)
-    return predictions
+    return per_example_pass(model, ctx, tag, lambda m, batch: m(batch.x).argmax(1)).cpu()
 
 
 @register("jtt")

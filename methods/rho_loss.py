@@ -35,24 +35,20 @@ import torch.nn.functional as F
 from benchmarks.errors import BenchError
 from benchmarks.hooks import Batch, Step
 from benchmarks.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
-from benchmarks.proxies import train_batches, train_proxy
+from benchmarks.proxies import per_example_pass, train_proxy
 from benchmarks.registry import Param, register
 from benchmarks.train import RunContext
 
 IL_TAG = "rho-irreducible"
 
 
-@torch.no_grad()
 def irreducible_losses(model: torch.nn.Module, ctx: RunContext) -> torch.Tensor:
     """The IL model's loss on every training example (eval mode, un-augmented), metered as selection."""
-    model.eval()
-    losses = torch.empty(ctx.num_train, device=ctx.device)
-    for batch in train_batches(ctx):
-        with ctx.meter.measure("selection", ("rho-irreducible-pass", tuple(batch.x.shape)), examples=len(batch.y)):
-            logits = model(batch.x)
-        losses[batch.index] = F.cross_entropy(logits.float(), batch.y, reduction="none",
-                                              label_smoothing=ctx.protocol.label_smoothing)
-    return losses
+    def losses(model, batch):
+        return F.cross_entropy(model(batch.x).float(), batch.y, reduction="none",
+                               label_smoothing=ctx.protocol.label_smoothing)
+
+    return per_example_pass(model, ctx, "rho-irreducible-pass", losses).to(ctx.device)
 
 
 @register("rho-loss")

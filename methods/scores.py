@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.pergrad import last_layer_grad_norms, per_example_grad_norms
-from benchmarks.proxies import features_and_logits, train_batches
+from benchmarks.proxies import features_and_logits, per_example_pass, train_batches
 from benchmarks.registry import register
 from benchmarks.scoring import (
     ScoreKind,
@@ -58,16 +58,12 @@ from benchmarks.train import RunContext
 # -- scoring passes over the training set, metered as selection ------------------------------------
 
 
-@torch.no_grad()
 def el2n_pass(model: torch.nn.Module, ctx: RunContext) -> torch.Tensor:
-    model.eval()
-    scores = torch.empty(ctx.num_train)
-    for batch in train_batches(ctx):
-        with ctx.meter.measure("selection", ("el2n-pass", tuple(batch.x.shape)), examples=len(batch.y)):
-            probs = model(batch.x).float().softmax(1)
-        error = probs - F.one_hot(batch.y, probs.shape[1]).float()
-        scores[batch.index.cpu()] = error.norm(dim=1).cpu()
-    return scores
+    def el2n(model, batch):
+        probs = model(batch.x).float().softmax(1)
+        return (probs - F.one_hot(batch.y, probs.shape[1]).float()).norm(dim=1)
+
+    return per_example_pass(model, ctx, "el2n-pass", el2n).cpu()
 
 
 def grand_pass(model: torch.nn.Module, ctx: RunContext) -> torch.Tensor:
@@ -79,15 +75,12 @@ def grand_pass(model: torch.nn.Module, ctx: RunContext) -> torch.Tensor:
     return scores
 
 
-@torch.no_grad()
 def grand_lastlayer_pass(model: torch.nn.Module, ctx: RunContext) -> torch.Tensor:
-    model.eval()
-    scores = torch.empty(ctx.num_train)
-    for batch in train_batches(ctx):
-        with ctx.meter.measure("selection", ("lastlayer-pass", tuple(batch.x.shape)), examples=len(batch.y)):
-            features, logits = features_and_logits(model, batch.x)
-        scores[batch.index.cpu()] = last_layer_grad_norms(logits, features, batch.y).cpu()
-    return scores
+    def norms(model, batch):
+        features, logits = features_and_logits(model, batch.x)
+        return last_layer_grad_norms(logits, features, batch.y)
+
+    return per_example_pass(model, ctx, "lastlayer-pass", norms).cpu()
 
 
 register_score_kind("el2n", ScoreKind(after_proxy(el2n_pass), early_epoch))

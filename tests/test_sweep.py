@@ -228,13 +228,15 @@ def _logs(out: str) -> str:
 
 
 def test_slurm_warning_signal_checkpoints_requeues_and_completes(cluster, tmp_path):
-    reference = execute(RunSpec("smoke", "uniform-epoch", {}, 5, {**LONG, "epochs": 4}), tmp_path / "ref", log=quiet)
+    # 8 epochs: the signal, sent after the first, must land before training ends even on a loaded
+    # machine, where scancel's delivery took seconds (with 4, a run once completed first: exit 0, no requeue).
+    reference = execute(RunSpec("smoke", "uniform-epoch", {}, 5, {**LONG, "epochs": 8}), tmp_path / "ref", log=quiet)
     out = tmp_path / "results"
     spec = write_spec(tmp_path, """
 name = "preempt"
 protocol = "smoke"
 seeds = [5]
-overrides = { epochs = 4, data_kwargs = { n_train = 6000, n_test = 512, num_classes = 4, size = 8 } }
+overrides = { epochs = 8, data_kwargs = { n_train = 6000, n_test = 512, num_classes = 4, size = 8 } }
 [[methods]]
 name = "uniform-epoch"
 """)
@@ -243,7 +245,7 @@ name = "uniform-epoch"
     job_id = result.stdout.split("submitted job array ")[1].split()[0]
     log = out / "sweeps" / "preempt" / "logs" / f"{job_id}_0.out"
     deadline = time.monotonic() + 120
-    while "epoch 1/4" not in (log.read_text() if log.exists() else ""):
+    while "epoch 1/8" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline, _logs(str(out))
         time.sleep(0.2)
     _run(["scancel", "--signal=USR1", "--batch", f"{job_id}_0"])
