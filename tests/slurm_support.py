@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,22 @@ POLL = 0.5  # seconds between squeue polls
 
 
 # --------------------------------------------------------------- helpers ----
+def start_until(command: list[str], marker: str, timeout: float, **popen) -> subprocess.Popen:
+    """Start `command` and return once its output shows `marker` (then it is mid-run); the rest of its
+    output is drained in the background so the pipe never blocks it."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    else:
+        raise AssertionError("ended before " + marker + ":\n" + "".join(seen))
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return proc
+
+
 def _run(cmd: list[str], timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:

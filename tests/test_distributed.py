@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from benchmarks.distributed import shard_of
 from benchmarks.errors import BenchError
 from benchmarks.record import record_path
 from benchmarks.saved_models import load_saved_model
-from slurm_support import REPO
+from slurm_support import REPO, start_until
 
 SUPPORT = str(REPO / "tests" / "distributed_support.py")
 NO_BN = ["--set", "model_kwargs={norm='none'}"]
@@ -118,18 +117,7 @@ def test_forgetting_counts_of_two_ranks_equal_one_process(tmp_path):
 
 
 def _start_until(command: list[str], marker: str) -> subprocess.Popen:
-    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    seen, deadline = [], time.monotonic() + 300
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            break
-        assert time.monotonic() < deadline, "".join(seen)
-    else:
-        raise AssertionError("ended before " + marker + ":\n" + "".join(seen))
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
-    return proc
+    return start_until(command, marker, 300, cwd=REPO, env=_env(), start_new_session=True)
 
 
 def kill_everything(proc: subprocess.Popen, out: Path) -> None:

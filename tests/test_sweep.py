@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from benchmarks.record import load_record, record_path, write_record
 from benchmarks.run import RunSpec, checkpoint_path, execute
 from benchmarks.sweep import compress_indices, load_sweep, sweep_status, write_manifest
 from conftest import quiet
-from slurm_support import REPO, _run, _wait_gone, start_cluster
+from slurm_support import REPO, _run, _wait_gone, start_cluster, start_until
 
 # A smoke run long enough (a few seconds) to be interrupted in the middle of an epoch.
 LONG = {"epochs": 3, "data_kwargs": {"n_train": 6000, "n_test": 512, "num_classes": 4, "size": 8}}
@@ -120,20 +119,8 @@ def test_local_sweep_skips_complete_runs_and_reports_failures(tmp_path):
 
 def _start_and_wait_for(args: list[str], marker: str, env: dict | None = None) -> subprocess.Popen:
     """Start the CLI and return once its output shows `marker` (then it is mid-run)."""
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
-    seen = []
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            break
-        assert time.monotonic() < deadline, "".join(seen)
-    else:
-        raise AssertionError("run ended before " + marker + ":\n" + "".join(seen))
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-    return proc
+    return start_until([sys.executable, "-m", "benchmarks", *args], marker, 120, cwd=REPO,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
 
 
 def test_sigkill_then_rerun_resumes_with_identical_results(tmp_path):
