@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from typing import NoReturn
 
 from .errors import BenchError
 from .scores_cli import add_parser as add_scores_parser
@@ -670,15 +671,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _exit_with_status_file() -> None:
+def run_and_exit(argv: list[str] | None = None) -> NoReturn:
     """Exit with main()'s status, first writing it to $BENCH_STATUS_FILE when set (slurm/array.sbatch
     reads it: bash can lose a child's exit status to a signal trap that lands as the child exits)."""
     try:
-        code = main()
+        code = main(argv)
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     path = os.environ.get("BENCH_STATUS_FILE")
-    from .distributed import is_rank_zero
+    from .distributed import end_process, is_rank_zero
 
     if path and is_rank_zero():  # a data-parallel run: rank 0 speaks for the task
         try:
@@ -686,8 +687,8 @@ def _exit_with_status_file() -> None:
                 f.write(f"{code}\n")
         except OSError:
             pass  # the template falls back on wait's answer
-    sys.exit(code)
+    end_process(code)
 
 
 if __name__ == "__main__":
-    _exit_with_status_file()
+    run_and_exit()

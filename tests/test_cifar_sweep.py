@@ -94,9 +94,10 @@ def test_quick_sweep_runs_every_block_end_to_end_on_cifar_format_data(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, BENCH_DATA=str(tmp_path / "data"), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     # --quick: every block once; the --set items shrink it further to seconds per run on a CPU (the
-    # tiny CNN instead of ResNet-18, whose GraNd hooks and training tests/test_scores.py checks)
+    # tiny CNN instead of ResNet-18, whose GraNd hooks and training tests/test_scores.py checks);
+    # two runs at a time, one thread each, as CI has two cores
     result = subprocess.run([sys.executable, "-m", "benchmarks", "sweep", "cifar10", "--quick", "--out", str(out),
-                             "--set", "epochs=2", "--set", "model=tiny-cnn", "--wandb", "off"],
+                             "--jobs", "2", "--set", "epochs=2", "--set", "model=tiny-cnn", "--wandb", "off"],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=3000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "sweeps" / "cifar10" / "manifest.jsonl").read_text().splitlines()]
