@@ -200,13 +200,13 @@ def _env() -> dict:
 def test_smoke_sweep_as_a_slurm_array_completes(cluster, tmp_path):
     out = str(tmp_path / "results")
     result = cli("sweep", "smoke", "--executor", "slurm", "--out", out, "--slurm", "parallel=2",
-                 "--set", "epochs=2", env=_env())
+                 "--set", "epochs=1", env=_env())
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.split("submitted job array ")[1].split()[0]
     _wait_gone(job_id, timeout=300)
     status = cli("status", "smoke", "--out", out)
     assert "total: 10 complete" in status.stdout, status.stdout + _logs(out)
-    resubmit = cli("sweep", "smoke", "--executor", "slurm", "--out", out, "--set", "epochs=2", env=_env())
+    resubmit = cli("sweep", "smoke", "--executor", "slurm", "--out", out, "--set", "epochs=1", env=_env())
     assert "0 to run, 10 already complete" in resubmit.stdout and "submitted" not in resubmit.stdout
 
 
