@@ -225,7 +225,7 @@ def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.
 
 
 @torch.no_grad()
-def per_example_pass(model: torch.nn.Module, ctx: RunContext, tag, outputs: Callable,
+def per_example_pass(model: torch.nn.Module, ctx: RunContext, tag: str, outputs: Callable,
                      split: TensorSplit | StreamingSplit | None = None) -> torch.Tensor:
     """`outputs(model, batch)` for every example of the training split (or `split`), rows in example order.
 
@@ -249,7 +249,7 @@ def per_example_pass(model: torch.nn.Module, ctx: RunContext, tag, outputs: Call
     return out
 
 
-def embedding_pass(model: torch.nn.Module, ctx: RunContext, tag="embedding-pass",
+def embedding_pass(model: torch.nn.Module, ctx: RunContext, tag: str = "embedding-pass",
                    split: TensorSplit | StreamingSplit | None = None) -> torch.Tensor:
     """Penultimate embeddings of every example of the split [N, d] (eval mode, un-augmented), metered
     as selection, on the training device."""
