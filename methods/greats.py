@@ -29,8 +29,8 @@ Decisions, and the pitfalls of the reference code they avoid:
   issue 11's closing note), the greedy then keeps examples whose gradients cancel: the kept subset's
   mean gradient is 0.34-0.60 of a random subset's, and the validation-loss decrease that a step on
   it predicts is 0.4-1.05x a random subset's (top-k's: 3.8-8.3x). With the exact weights the picks
-  are almost those of `interaction = False`, which in turn starve the classes missing from the
-  5 validation examples (0-1 shirts kept of 256).
+  are almost those of `interaction = False`, which can nearly drop a class that the 5 validation
+  examples lack (0-1 shirts kept of 256).
 - BatchNorm (every model of the suite has it) couples the examples in train mode, so per-example
   gradients do not exist there. The rule: the products are computed with BatchNorm in EVAL mode,
   from its running statistics (as GraNd scores); then the kept k train in a second, ordinary
