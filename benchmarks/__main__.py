@@ -409,7 +409,10 @@ def _records_folder(results: str, records: str | None):
     folder = Path(records) if records else runs_dir(results)
     if not folder.is_dir():
         what = f"--records '{records}'" if records else f"--runs '{results}' (records are read from {folder})"
-        raise BenchError(f"{what}: no such folder")
+        published = Path(results) / "records"
+        hint = (f"; this checkout's published records are read with --records {published}"
+                if not records and published.is_dir() else "")
+        raise BenchError(f"{what}: no such folder{hint}")
     return folder
 
 
