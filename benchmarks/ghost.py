@@ -51,7 +51,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .pergrad import NotHookable, _patches, _trainable, capture_layer_factors, hooked_layers
+from .pergrad import (
+    NotHookable,
+    Outer,
+    Vector,
+    _dtype,
+    _trainable,
+    capture_layer_factors,
+    hooked_layers,
+    pieces,
+)
 
 GRAM_CHUNK_FLOATS = 2**25  # numbers held at once by one layer's product (128 MB in fp32)
 FORMS = ("auto", "ghost", "materialise")
@@ -64,23 +73,6 @@ class Captured:
     losses: torch.Tensor  # [n], detached
     logits: torch.Tensor  # [n, C], detached
     factors: list  # [(layer, input, output gradient)]
-
-
-@dataclass
-class Outer:
-    """A weight's per-example gradients as factors: grad_i = g[i] @ a[i]^T, reshaped to `shape`."""
-
-    g: torch.Tensor  # [n, p, T]
-    a: torch.Tensor  # [n, d, T]
-    shape: torch.Size
-
-
-@dataclass
-class Vector:
-    """A parameter's per-example gradients held directly: grad_i = v[i], reshaped to `shape`."""
-
-    v: torch.Tensor  # [n, q]
-    shape: torch.Size
 
 
 def coupled_layers(model: nn.Module) -> list[nn.Module]:
@@ -114,40 +106,6 @@ def capture(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing:
         except NotHookable as exc:
             raise ValueError(f"ghost products cannot be exact for this model: {exc}") from None
     return Captured(losses, logits, factors)
-
-
-def _dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)  # half precision factors are multiplied in fp32
-
-
-def pieces(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, Outer | Vector]:
-    """Each trainable parameter's per-example gradients of one layer, as factors or vectors."""
-    trainable = _trainable(module)
-    dtype = _dtype(g)
-    a, g = a.to(dtype), g.to(dtype)
-    n = a.shape[0]
-    out: dict[str, Outer | Vector] = {}
-    if type(module) is nn.Linear:
-        g3 = g.reshape(n, -1, g.shape[-1]).transpose(1, 2)  # [n, p, T]
-        if "weight" in trainable:
-            out["weight"] = Outer(g3, a.reshape(n, -1, a.shape[-1]).transpose(1, 2), module.weight.shape)
-        if "bias" in trainable:
-            out["bias"] = Vector(g3.sum(2), module.bias.shape)
-    elif type(module) is nn.Conv2d:
-        g3 = g.flatten(2)  # [n, p, T]
-        if "weight" in trainable:
-            out["weight"] = Outer(g3, _patches(a, module), module.weight.shape)  # d ordered as weight.view(p, -1)
-        if "bias" in trainable:
-            out["bias"] = Vector(g3.sum(2), module.bias.shape)
-    else:  # BatchNorm in eval mode: out = xhat * weight + bias, xhat from the running statistics
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        xhat = (a - module.running_mean.view(shape).to(dtype)) * torch.rsqrt(
-            module.running_var.view(shape).to(dtype) + module.eps)
-        if "weight" in trainable:
-            out["weight"] = Vector((g * xhat).reshape(n, g.shape[1], -1).sum(2), module.weight.shape)
-        if "bias" in trainable:
-            out["bias"] = Vector(g.reshape(n, g.shape[1], -1).sum(2), module.bias.shape)
-    return out
 
 
 def ghost_flops(n: int, t: int, d: int, p: int, columns: int | None = None) -> int:

@@ -25,11 +25,14 @@ that examples are independent; the functions put the model in eval mode and rest
 The loss is the plain cross-entropy (no label smoothing), as in the paper, unless the caller asks
 for the training loss's smoothing.
 
-The hooks' factors (each layer's input and output gradient, `capture_layer_factors`) are shared with
-benchmarks/ghost.py, which builds Gram matrices and subset gradients from them.
+The hooks' factors (each layer's input and output gradient, `capture_layer_factors`) and their split into
+per-parameter pieces (`pieces`) are shared with benchmarks/ghost.py, which builds Gram matrices and
+subset gradients from them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,32 +92,62 @@ def _patches(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return view.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, ho * wo)
 
 
-def _layer_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example squared norm of the gradient of this layer's trainable parameters."""
+@dataclass
+class Outer:
+    """A weight's per-example gradients as factors: grad_i = g[i] @ a[i]^T, reshaped to `shape`."""
+
+    g: torch.Tensor  # [n, p, T]
+    a: torch.Tensor  # [n, d, T]
+    shape: torch.Size
+
+
+@dataclass
+class Vector:
+    """A parameter's per-example gradients held directly: grad_i = v[i], reshaped to `shape`."""
+
+    v: torch.Tensor  # [n, q]
+    shape: torch.Size
+
+
+def _dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # half precision factors are multiplied in fp32
+
+
+def pieces(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, Outer | Vector]:
+    """Each trainable parameter's per-example gradients of one layer, as factors or vectors."""
     trainable = _trainable(module)
-    b = a.shape[0]
-    sq = torch.zeros(b, device=g.device, dtype=torch.float32)
+    dtype = _dtype(g)
+    a, g = a.to(dtype), g.to(dtype)
+    n = a.shape[0]
+    out: dict[str, Outer | Vector] = {}
     if type(module) is nn.Linear:
-        a3 = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)  # [B, d, T]
-        g3 = g.reshape(b, -1, g.shape[-1]).transpose(1, 2)  # [B, p, T]
+        g3 = g.reshape(n, -1, g.shape[-1]).transpose(1, 2)  # [n, p, T]
         if "weight" in trainable:
-            sq += _outer_sq_norms(g3, a3)
+            out["weight"] = Outer(g3, a.reshape(n, -1, a.shape[-1]).transpose(1, 2), module.weight.shape)
         if "bias" in trainable:
-            sq += g3.sum(2).square().sum(1)
+            out["bias"] = Vector(g3.sum(2), module.bias.shape)
     elif type(module) is nn.Conv2d:
-        g3 = g.flatten(2)  # [B, p, T]
+        g3 = g.flatten(2)  # [n, p, T]
         if "weight" in trainable:
-            a3 = _patches(a, module)  # [B, d, T]
-            sq += _outer_sq_norms(g3, a3)
+            out["weight"] = Outer(g3, _patches(a, module), module.weight.shape)  # d ordered as weight.view(p, -1)
         if "bias" in trainable:
-            sq += g3.sum(2).square().sum(1)
+            out["bias"] = Vector(g3.sum(2), module.bias.shape)
     else:  # BatchNorm in eval mode: out = xhat * weight + bias, xhat from the running statistics
         shape = (1, -1) + (1,) * (a.dim() - 2)
-        xhat = (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        xhat = (a - module.running_mean.view(shape).to(dtype)) * torch.rsqrt(
+            module.running_var.view(shape).to(dtype) + module.eps)
         if "weight" in trainable:
-            sq += (g * xhat).reshape(b, g.shape[1], -1).sum(2).square().sum(1)
+            out["weight"] = Vector((g * xhat).reshape(n, g.shape[1], -1).sum(2), module.weight.shape)
         if "bias" in trainable:
-            sq += g.reshape(b, g.shape[1], -1).sum(2).square().sum(1)
+            out["bias"] = Vector(g.reshape(n, g.shape[1], -1).sum(2), module.bias.shape)
+    return out
+
+
+def _layer_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example squared norm of the gradient of this layer's trainable parameters."""
+    sq = torch.zeros(a.shape[0], device=g.device, dtype=torch.float32)
+    for piece in pieces(module, a, g).values():
+        sq += _outer_sq_norms(piece.g, piece.a) if isinstance(piece, Outer) else piece.v.square().sum(1)
     return sq
 
 
