@@ -107,5 +107,5 @@ def replicate_fashion(session: nox.Session) -> None:
 @nox.session(**SHARED)
 def perf(session: nox.Session) -> None:
     """Speed ratios measured side by side on this machine; written to results/perf.json."""
-    session.run(python(session), "-m", "benchmarks.perf", "--out", "results/perf.json", *session.posargs,
+    session.run(python(session), "-m", "benchmarks.tools.perf", "--out", "results/perf.json", *session.posargs,
                 external=True)

@@ -12,8 +12,8 @@ feat -> 2 feat -> 256, predictor 256 -> 2 feat -> 256) in its docstring.
 Use: `python -m benchmarks run --protocol ssl-fashion --method byol --param budget=0.2`.
 """
 
-from benchmarks.registry import register
-from benchmarks.ssl import BYOLMethod
+from benchmarks.core.registry import register
+from benchmarks.kit.ssl import BYOLMethod
 
 
 @register("byol")

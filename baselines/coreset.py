@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.protocol import Protocol
-from benchmarks.proxies import embedding_pass, train_proxy
-from benchmarks.registry import Param, register
-from benchmarks.scoring import early_epoch, resolve_score_epoch
-from benchmarks.subsets import FRACTION, StaticSubset, class_quotas, subset_size
-from benchmarks.train import RunContext
+from benchmarks.core.protocol import Protocol
+from benchmarks.core.registry import Param, register
+from benchmarks.core.train import RunContext
+from benchmarks.kit.proxies import embedding_pass, train_proxy
+from benchmarks.kit.scoring import early_epoch, resolve_score_epoch
+from benchmarks.kit.subsets import FRACTION, StaticSubset, class_quotas, subset_size
 
 
 def kcenter_greedy(x: torch.Tensor, k: int, first: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The full-data baseline: every training example, every epoch (the hooks' defaults)."""
 
-from benchmarks.hooks import Method
-from benchmarks.registry import register
+from benchmarks.api import Method
+from benchmarks.core.registry import register
 
 
 @register("full")

@@ -31,9 +31,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from benchmarks.api import Batch, Method
+from benchmarks.core.registry import Param, register
 from benchmarks.errors import BenchError
-from benchmarks.hooks import Batch, Method
-from benchmarks.registry import Param, register
 
 
 def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

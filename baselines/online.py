@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.hooks import Batch, Selection, Step
-from benchmarks.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
-from benchmarks.pergrad import per_example_grad_norms
-from benchmarks.registry import register
+from benchmarks.api import Batch, Selection, Step
+from benchmarks.core.registry import register
+from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
+from benchmarks.kit.pergrad import per_example_grad_norms
 
 
 @register("uniform-online")

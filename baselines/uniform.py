@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.hooks import EpochPlan, Method
-from benchmarks.registry import Param, register
-from benchmarks.subsets import (
+from benchmarks.api import EpochPlan, Method
+from benchmarks.core.registry import Param, register
+from benchmarks.kit.subsets import (
     FRACTION,
     StaticSubset,
     class_balanced_random_subset,

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.hooks import Method, StepInfo
-from benchmarks.registry import register
-from benchmarks.scoring import ScoreKind, ScoreSelection, epoch_param, register_score_kind, score_params
+from benchmarks.api import Method, StepInfo
+from benchmarks.core.registry import register
+from benchmarks.kit.scoring import ScoreKind, ScoreSelection, epoch_param, register_score_kind, score_params
 
 
 def assigned_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

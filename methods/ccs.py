@@ -44,8 +44,8 @@ Finding on Fashion-MNIST (CPU scale; issue 15). CCS over EL2N at a FIXED beta = 
 
 from __future__ import annotations
 
-from benchmarks.registry import Param, register
-from benchmarks.scoring import PAPER_BETA, ScoreSelection, epoch_param, score_params
+from benchmarks.core.registry import Param, register
+from benchmarks.kit.scoring import PAPER_BETA, ScoreSelection, epoch_param, score_params
 
 SCORES = ("aum", "aum-softmax", "el2n", "forgetting", "grand", "grand-lastlayer")
 

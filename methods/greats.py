@@ -36,7 +36,7 @@ Decisions, and the pitfalls of the reference code they avoid:
   from its running statistics (as GraNd scores); then the kept k train in a second, ordinary
   train-mode pass, which the meter charges like any training step.
 - One pass where possible: a model without BatchNorm trains on the kept subset's gradient formed
-  from the candidate pass's own factors (benchmarks.ghost.subset_gradient, handed to the trainer
+  from the candidate pass's own factors (benchmarks.kit.ghost.subset_gradient, handed to the trainer
   through Selection.gradients), so a step costs one forward/backward over B plus the products. The
   candidate pass then runs in train mode: it IS the training forward of the kept examples.
 - The validation gradient uses the training loss (the protocol's label smoothing included), on
@@ -55,12 +55,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from benchmarks.api import Batch, Selection, Step
+from benchmarks.core.registry import Param, register
 from benchmarks.errors import BenchError
-from benchmarks.ghost import FORMS, capture, gram_with_validation, has_batchnorm, subset_gradient
-from benchmarks.hooks import Batch, Selection, Step
-from benchmarks.online import CANDIDATE_FACTOR, OnlineSelection, scoring_mode
-from benchmarks.pergrad import hooked_layers
-from benchmarks.registry import Param, register
+from benchmarks.kit.ghost import FORMS, capture, gram_with_validation, has_batchnorm, subset_gradient
+from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, scoring_mode
+from benchmarks.kit.pergrad import hooked_layers
 
 
 def greedy_pick(values: torch.Tensor, interactions: torch.Tensor | None, k: int, eta: float,

@@ -31,7 +31,7 @@ Decisions, and the known pitfalls of the reference code they avoid:
   mean are kept with weight 1.
 - The learning-rate schedule cannot go stale when pruning shortens an epoch: the trainer sets the lr
   from fractional epoch progress computed from each epoch's true step count
-  (benchmarks.optim.lr_at), not from a scheduler built for the full-data step count, so a pruned run
+  (benchmarks.core.optim.lr_at), not from a scheduler built for the full-data step count, so a pruned run
   still reaches the schedule's final value (tests/test_infobatch.py checks this).
 - Under budget = "iterations" the trainer refills every epoch to the full example count, so
   InfoBatch saves nothing there; its protocols use budget = "epochs".
@@ -50,8 +50,8 @@ import math
 
 import torch
 
-from benchmarks.hooks import EpochPlan, Method, StepInfo
-from benchmarks.registry import Param, register
+from benchmarks.api import EpochPlan, Method, StepInfo
+from benchmarks.core.registry import Param, register
 
 INITIAL_SCORE = 3.0  # every example starts "not well learned" until its loss has been seen
 

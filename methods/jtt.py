@@ -2,7 +2,7 @@
 
 Algorithm:
   1. identification model: ERM for T epochs (`stage1_epochs`) through the harness's trainer
-     (benchmarks.proxies.train_proxy), so it is metered and charged as selection, cached, and
+     (benchmarks.kit.proxies.train_proxy), so it is metered and charged as selection, cached, and
      resumable after a preemption (a partial checkpoint after every epoch, or mid-epoch on Slurm's
      warning signal; `prepare` restarts and picks it up);
   2. error set E = the training examples it misclassifies at the end of epoch T, predicted in eval
@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.api import EpochPlan, Method
+from benchmarks.core.protocol import Protocol
+from benchmarks.core.registry import Param, register
+from benchmarks.core.train import RunContext
 from benchmarks.errors import BenchError
-from benchmarks.hooks import EpochPlan, Method
-from benchmarks.protocol import Protocol
-from benchmarks.proxies import per_example_pass, train_proxy
-from benchmarks.registry import Param, register
-from benchmarks.train import RunContext
+from benchmarks.kit.proxies import per_example_pass, train_proxy
 
 STAGE1_SHARE = 0.2  # stage1_epochs = -1: the paper's Waterbirds point, epoch 60 of 300
 

@@ -63,10 +63,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.compute import ComputeMeter, unmetered
-from benchmarks.models import embed
-from benchmarks.priors import check_prior_spec, load_prior, prior_identity
-from benchmarks.proxies import (
+from benchmarks.core.compute import ComputeMeter, unmetered
+from benchmarks.core.models import embed
+from benchmarks.core.registry import Param, register
+from benchmarks.kit.priors import check_prior_spec, load_prior, prior_identity
+from benchmarks.kit.proxies import (
     CACHE_VERSION,
     Spending,
     charge_cached,
@@ -76,8 +77,7 @@ from benchmarks.proxies import (
     load_cached,
     save_cached,
 )
-from benchmarks.registry import Param, register
-from benchmarks.ssl import SSL_PARAMS, BYOLMethod, BYOLNetworks, byol_loss, feature_dim
+from benchmarks.kit.ssl import SSL_PARAMS, BYOLMethod, BYOLNetworks, byol_loss, feature_dim
 
 RELA_VIEWS = [{"name": "random-resized-crop", "scale": [0.5, 1.0]}, "flip",
               {"name": "color-jitter", "p": 0.8, "brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2},

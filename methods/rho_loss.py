@@ -13,7 +13,7 @@ Use: python -m benchmarks run --protocol fashion-mnist --method rho-loss --set h
 
 Decisions:
 - The IL model is the protocol's model, trained through the harness's trainer on the held-out split
-  (benchmarks.proxies.train_proxy with split="holdout"), following the protocol's schedule for
+  (benchmarks.kit.proxies.train_proxy with split="holdout"), following the protocol's schedule for
   `il_epochs` of the protocol's epochs (default: all). Everything it costs (its training, the pass
   that scores the training set) is charged as selection. It is cached per (protocol, seed) like a
   score proxy, and a cache hit charges the FLOPs it cost.
@@ -32,12 +32,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks.api import Batch, Step
+from benchmarks.core.registry import Param, register
+from benchmarks.core.train import RunContext
 from benchmarks.errors import BenchError
-from benchmarks.hooks import Batch, Step
-from benchmarks.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
-from benchmarks.proxies import per_example_pass, train_proxy
-from benchmarks.registry import Param, register
-from benchmarks.train import RunContext
+from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
+from benchmarks.kit.proxies import per_example_pass, train_proxy
 
 IL_TAG = "rho-irreducible"
 

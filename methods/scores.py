@@ -40,10 +40,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.pergrad import last_layer_grad_norms, per_example_grad_norms
-from benchmarks.proxies import features_and_logits, per_example_pass, train_batches
-from benchmarks.registry import register
-from benchmarks.scoring import (
+from benchmarks.core.registry import register
+from benchmarks.core.train import RunContext
+from benchmarks.kit.pergrad import last_layer_grad_norms, per_example_grad_norms
+from benchmarks.kit.proxies import features_and_logits, per_example_pass, train_batches
+from benchmarks.kit.scoring import (
     ScoreKind,
     ScoreSelection,
     after_proxy,
@@ -53,7 +54,6 @@ from benchmarks.scoring import (
     register_score_kind,
     score_params,
 )
-from benchmarks.train import RunContext
 
 # -- scoring passes over the training set, metered as selection ------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 # Runs made by tests log nowhere but their records; the W&B tests set their own mode.
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from benchmarks.run import RunSpec, execute
+from benchmarks.core.run import RunSpec, execute
 
 
 def quiet(*_args, **_kwargs) -> None:

@@ -18,10 +18,10 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from benchmarks.distributed import shard_of
-from benchmarks.hooks import Method
-from benchmarks.models import ConvNet, register_model
-from benchmarks.registry import register
+from benchmarks.api import Method
+from benchmarks.core.distributed import shard_of
+from benchmarks.core.models import ConvNet, register_model
+from benchmarks.core.registry import register
 
 
 @register("test-count-forgetting")

@@ -9,7 +9,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import distributed_models  # noqa: E402, F401 - registers them
 
-from benchmarks.__main__ import run_and_exit  # noqa: E402
+from benchmarks.cli import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":
     run_and_exit(sys.argv[1:])

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from benchmarks.compute import ComputeMeter
+from benchmarks.api import Method, StepInfo
+from benchmarks.core.compute import ComputeMeter
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.registry import create_method
+from benchmarks.core.train import RunContext
 from benchmarks.data import load_data
-from benchmarks.hooks import Method, StepInfo
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.proxies import train_proxy
-from benchmarks.registry import create_method
-from benchmarks.scoring import SCORE_KINDS, DynamicsRecorders, compute_scores, select_by_scores
-from benchmarks.train import RunContext
+from benchmarks.kit.proxies import train_proxy
+from benchmarks.kit.scoring import SCORE_KINDS, DynamicsRecorders, compute_scores, select_by_scores
 from conftest import quiet
 from methods.aum import MarginRecorder, assigned_margins
 from methods.forgetting import ForgettingCounter
@@ -120,7 +120,7 @@ def test_one_proxy_run_records_forgetting_and_aum_and_charges_each_in_full(tmp_p
 
 
 def test_aum_method_keeps_the_lowest_aum_end_to_end(tmp_path):
-    from benchmarks.run import RunSpec, execute
+    from benchmarks.core.run import RunSpec, execute
 
     record = execute(RunSpec("smoke", "aum", {"score_runs": 1, "fraction": 0.25}, 0, {"epochs": 2}), tmp_path,
                      log=quiet)

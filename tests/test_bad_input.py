@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.__main__ import build_parser, main
+from benchmarks.cli import build_parser, main
 from slurm_support import REPO
 
 SMOKE = (REPO / "benchmarks" / "protocols" / "smoke.toml").read_text()

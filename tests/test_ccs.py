@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_scores import smoke_ctx
 
-import benchmarks.scoring as scoring
-from benchmarks.registry import create_method
-from benchmarks.scoring import (
+import benchmarks.kit.scoring as scoring
+from benchmarks.core.registry import create_method
+from benchmarks.kit.scoring import (
     CCS_PAPER_BETA,
     ccs_drop_count,
     ccs_paper_beta,
@@ -17,7 +17,7 @@ from benchmarks.scoring import (
     ccs_strata,
     select_by_scores,
 )
-from benchmarks.subsets import class_quotas
+from benchmarks.kit.subsets import class_quotas
 
 
 def two_of_each_value() -> torch.Tensor:

@@ -11,9 +11,9 @@ import sys
 import pytest
 from test_data import write_cifar10
 
-from benchmarks.record import load_record, record_path
-from benchmarks.registry import list_methods
-from benchmarks.sweep import load_sweep, manifest_lines, sbatch_command, slurm_groups
+from benchmarks.core.record import load_record, record_path
+from benchmarks.core.registry import list_methods
+from benchmarks.jobs.sweep import load_sweep, manifest_lines, sbatch_command, slurm_groups
 from slurm_support import REPO
 
 

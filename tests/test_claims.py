@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from test_report import UNIFORM, write
 
-from benchmarks.claims import evaluate_claims, load_claims, markdown_claims, verdict
+from benchmarks.core.record import load_records
+from benchmarks.core.registry import resolve_params
 from benchmarks.errors import BenchError
-from benchmarks.record import load_records
-from benchmarks.registry import resolve_params
-from benchmarks.replicate import load_papers, parse_setting
+from benchmarks.reporting.claims import evaluate_claims, load_claims, markdown_claims, verdict
+from benchmarks.reporting.replicate import load_papers, parse_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,8 +171,8 @@ def test_cli_writes_the_claims_table(results):
 
 
 def test_fashion_claims_sweep_makes_every_record_the_cpu_claims_need():
-    from benchmarks.run import RunSpec
-    from benchmarks.sweep import load_sweep
+    from benchmarks.core.run import RunSpec
+    from benchmarks.jobs.sweep import load_sweep
 
     sweep = load_sweep("fashion-claims")
     made = {(r.method, r.run_id) for r in sweep.runs}

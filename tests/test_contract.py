@@ -10,17 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import train
-from benchmarks.compute import flop_counter
+from benchmarks.api import Method, Selection
+from benchmarks.core import train
+from benchmarks.core.compute import flop_counter
+from benchmarks.core.evaluation import accuracy
+from benchmarks.core.models import embed
+from benchmarks.core.optim import lr_at
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.registry import list_methods, register
+from benchmarks.core.run import RunSpec, build_context, execute
+from benchmarks.core.saved_models import load_saved_model
 from benchmarks.errors import BenchError
-from benchmarks.evaluation import accuracy
-from benchmarks.hooks import Method, Selection
-from benchmarks.models import embed
-from benchmarks.optim import lr_at
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.registry import list_methods, register
-from benchmarks.run import RunSpec, build_context, execute
-from benchmarks.saved_models import load_saved_model
 from conftest import quiet
 
 SMOKE_PROTOCOL = {"supervised": "smoke", "self-supervised": "smoke-ssl"}  # where each kind of method runs
@@ -144,7 +144,7 @@ def test_ema_target_follows_the_online_network_and_gets_no_gradient():
 
 
 def _views(ctx):
-    from benchmarks.augment import Views
+    from benchmarks.core.augment import Views
 
     return Views(ctx.data.train.normalize, torch.Generator().manual_seed(0), ctx.protocol.view_augment)
 
@@ -317,7 +317,7 @@ def _images(b=8, c=3, h=12, w=10, seed=0):
 
 
 def _apply(specs, images, seed=0):
-    from benchmarks.augment import apply_pipeline, parse_pipeline
+    from benchmarks.core.augment import apply_pipeline, parse_pipeline
 
     return apply_pipeline(images, parse_pipeline(specs), torch.Generator().manual_seed(seed))
 
@@ -389,7 +389,7 @@ def test_bad_augmentation_specs_name_the_problem(spec, message):
 
 
 def test_a_crop_padding_given_in_the_pipeline_wins_over_the_protocols():
-    from benchmarks.augment import parse_pipeline
+    from benchmarks.core.augment import parse_pipeline
 
     protocol = apply_overrides(load_protocol("smoke"), {"augment": [{"name": "crop", "padding": 2}],
                                                         "crop_padding": 4})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.augment import apply_pipeline, parse_pipeline
+from benchmarks.core.augment import apply_pipeline, parse_pipeline
 from benchmarks.data import load_data, restrict_train
 from benchmarks.data.sources import read_idx
 from benchmarks.errors import BenchError

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.distributed import shard_of
+from benchmarks.core.distributed import shard_of
+from benchmarks.core.record import record_path
+from benchmarks.core.saved_models import load_saved_model
 from benchmarks.errors import BenchError
-from benchmarks.record import record_path
-from benchmarks.saved_models import load_saved_model
 from slurm_support import REPO, start_until
 
 SUPPORT = str(REPO / "tests" / "distributed_support.py")
@@ -162,9 +162,9 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
 
 
 def test_online_selection_with_views_is_refused_under_data_parallel():
-    from benchmarks.hooks import Method, Selection
-    from benchmarks.protocol import load_protocol
-    from benchmarks.train import check_distributable
+    from benchmarks.api import Method, Selection
+    from benchmarks.core.protocol import load_protocol
+    from benchmarks.core.train import check_distributable
 
     class SelectsWithViews(Method):
         augment_batches = False
@@ -213,9 +213,9 @@ def test_a_failing_prepare_on_rank_0_ends_every_rank_at_once(tmp_path):
 
 @pytest.mark.parametrize("method", ["group-dro", "rela"])
 def test_methods_whose_state_comes_from_a_ranks_shard_are_refused_under_data_parallel(method):
-    from benchmarks.protocol import load_protocol
-    from benchmarks.registry import create_method
-    from benchmarks.train import check_distributable
+    from benchmarks.core.protocol import load_protocol
+    from benchmarks.core.registry import create_method
+    from benchmarks.core.train import check_distributable
 
     with pytest.raises(BenchError, match="runs in one process only"):
         check_distributable(load_protocol("smoke"), create_method(method), torch.device("cpu"))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run import RunSpec, execute
+from benchmarks.core.run import RunSpec, execute
 from conftest import quiet
 
 DEBIAN_COPY = Path("/usr/share/datasets/fashion-mnist")

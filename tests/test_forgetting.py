@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.compute import ComputeMeter
+from benchmarks.api import StepInfo
+from benchmarks.core.compute import ComputeMeter
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.registry import create_method
+from benchmarks.core.train import RunContext
 from benchmarks.data import load_data
 from benchmarks.errors import BenchError
-from benchmarks.hooks import StepInfo
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.proxies import train_proxy
-from benchmarks.registry import create_method
-from benchmarks.scoring import select_by_scores
-from benchmarks.train import RunContext
+from benchmarks.kit.proxies import train_proxy
+from benchmarks.kit.scoring import select_by_scores
 from conftest import quiet
 from methods.forgetting import ForgettingCounter
 

@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from baselines.group_dro import GroupDRO, group_mean_losses, update_group_weights
-from benchmarks import train
+from benchmarks.api import Method
+from benchmarks.core import train
+from benchmarks.core.evaluation import accuracy, group_metrics
+from benchmarks.core.models import create_model
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.registry import register
+from benchmarks.core.run import RunSpec, build_context, execute, final_metrics
 from benchmarks.data import dataset_has_groups, load_data, search_roots
 from benchmarks.data.splits import GroupLabelsHidden, TensorSplit, unhidden_groups
 from benchmarks.data.spurious import assign_places, colour_backgrounds, make_spurious_fashion
 from benchmarks.errors import BenchError
-from benchmarks.evaluation import accuracy, group_metrics
-from benchmarks.hooks import Method
-from benchmarks.models import create_model
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.registry import register
-from benchmarks.report import build_sections, markdown_tables
-from benchmarks.run import RunSpec, build_context, execute, final_metrics
+from benchmarks.reporting.tables import build_sections, markdown_tables
 from conftest import quiet
 from methods import jtt as jtt_module
 from methods.jtt import JTT, error_set, upsampled_indices
@@ -113,7 +113,7 @@ def test_records_carry_every_group_metric_on_val_and_test_and_the_rule(three_run
 
 
 def test_table_shows_adjusted_and_worst_group_marks_the_oracle_and_names_the_rule(three_runs):
-    from benchmarks.record import load_records
+    from benchmarks.core.record import load_records
 
     out, _ = three_runs
     records, problems = load_records(out / "runs")
@@ -181,13 +181,13 @@ def test_a_group_label_reader_needs_data_with_groups():
 
 
 def test_bench_runs_the_group_methods_by_default_only_where_the_data_has_groups(tmp_path, monkeypatch):
-    import benchmarks.__main__ as cli
-    import benchmarks.run
+    import benchmarks.cli as cli
+    import benchmarks.core.run
 
     ran = []
-    monkeypatch.setattr(benchmarks.run, "execute", lambda spec, *a, **k: ran.append((spec.protocol, spec.method)))
+    monkeypatch.setattr(benchmarks.core.run, "execute", lambda spec, *a, **k: ran.append((spec.protocol, spec.method)))
     monkeypatch.setattr(cli, "_job_tables", lambda *a, **k: 0)
-    monkeypatch.setattr("benchmarks.preflight.check_runs", lambda *a, **k: None)
+    monkeypatch.setattr("benchmarks.jobs.preflight.check_runs", lambda *a, **k: None)
     for protocol in ("smoke", GROUPS):
         cli.main(["bench", "--protocol", protocol, "--seeds", "0", "--out", str(tmp_path), "--wandb", "off"])
     assert ("smoke", "full") in ran and not {("smoke", "jtt"), ("smoke", "group-dro")} & set(ran)

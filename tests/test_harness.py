@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from benchmarks.compute import ComputeMeter, flop_counter
+from benchmarks.api import Method, Selection
+from benchmarks.core.compute import ComputeMeter, flop_counter
+from benchmarks.core.optim import lr_at
+from benchmarks.core.protocol import load_protocol
+from benchmarks.core.record import load_record, record_path
+from benchmarks.core.registry import Param, create_method, register, resolve_params
+from benchmarks.core.run import RunSpec, execute
 from benchmarks.errors import BenchError, NonFiniteLoss
-from benchmarks.hooks import Method, Selection
-from benchmarks.optim import lr_at
-from benchmarks.protocol import load_protocol
-from benchmarks.record import load_record, record_path
-from benchmarks.registry import Param, create_method, register, resolve_params
-from benchmarks.run import RunSpec, execute
 from conftest import quiet
 
 
@@ -83,7 +83,7 @@ def test_full_run_charges_exactly_the_computed_full_flops(run_smoke):
     record = run_smoke("full")
     compute = record["compute"]
     # An independent count of one training step and one evaluation pass of the smoke model.
-    from benchmarks.models import create_model
+    from benchmarks.core.models import create_model
 
     model = create_model("tiny-cnn", in_chans=1, num_classes=4)
     with flop_counter() as step:
@@ -109,8 +109,8 @@ def test_uniform_half_charges_half_or_the_same(run_smoke, budget, expected_fract
 
 
 def test_uniform_subset_sizes_balance_and_seeds():
+    from benchmarks.core.train import RunContext
     from benchmarks.data import load_data
-    from benchmarks.train import RunContext
 
     data = load_data("synthetic")
     ctx = RunContext(load_protocol("smoke"), data, torch.device("cpu"), ComputeMeter(), seed=0)
@@ -137,8 +137,8 @@ def test_select_and_observe_hooks(tmp_path):
 
 
 def test_observe_sees_original_indices_of_the_plan(tmp_path):
+    from benchmarks.core.train import RunContext, Trainer
     from benchmarks.data import load_data
-    from benchmarks.train import RunContext, Trainer
 
     protocol = load_protocol("smoke").replace(epochs=1)
     ctx = RunContext(protocol, load_data("synthetic"), torch.device("cpu"), ComputeMeter(), seed=0, log=quiet)
@@ -187,7 +187,7 @@ def test_same_seed_same_result_different_seed_differs(run_smoke, tmp_path):
 def test_interrupted_run_resumes_from_checkpoint_with_identical_results(tmp_path, monkeypatch):
     spec = RunSpec("smoke", "uniform-epoch", {}, 2, {"epochs": 4})
     reference = execute(spec, tmp_path / "ref", log=quiet)
-    from benchmarks import train
+    from benchmarks.core import train
 
     original = train.Trainer.run_epoch
 

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks.compute import ComputeMeter
+from benchmarks.api import StepInfo
+from benchmarks.core.compute import ComputeMeter
+from benchmarks.core.optim import lr_at
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.registry import create_method
+from benchmarks.core.run import RunSpec, execute
+from benchmarks.core.train import RunContext, Trainer, derive_seed
 from benchmarks.data import load_data
-from benchmarks.hooks import StepInfo
-from benchmarks.optim import lr_at
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.registry import create_method
-from benchmarks.run import RunSpec, execute
-from benchmarks.train import RunContext, Trainer, derive_seed
 from methods.infobatch import InfoBatch, plan_from_scores, prune_epochs
 
 

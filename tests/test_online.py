@@ -15,10 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks import train
-from benchmarks.compute import ComputeMeter
+from benchmarks.api import Step
+from benchmarks.core import train
+from benchmarks.core.compute import ComputeMeter
+from benchmarks.core.models import create_model
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.record import SCHEMA, load_records, record_path, write_record
+from benchmarks.core.registry import create_method
+from benchmarks.core.run import RunSpec, build_context, execute
 from benchmarks.errors import BenchError
-from benchmarks.ghost import (
+from benchmarks.kit.ghost import (
     capture,
     ghost_flops,
     gram,
@@ -27,15 +33,9 @@ from benchmarks.ghost import (
     subset_gradient,
     weight_form,
 )
-from benchmarks.hooks import Step
-from benchmarks.models import create_model
-from benchmarks.online import kept_count, top_k
-from benchmarks.plots import write_plots
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.record import SCHEMA, load_records, record_path, write_record
-from benchmarks.registry import create_method
-from benchmarks.report import build_sections, markdown_tables, steps_to_target
-from benchmarks.run import RunSpec, build_context, execute
+from benchmarks.kit.online import kept_count, top_k
+from benchmarks.reporting.plots import write_plots
+from benchmarks.reporting.tables import build_sections, markdown_tables, steps_to_target
 from conftest import quiet
 from methods import greats as greats_module
 from methods.greats import greedy_pick, set_value
@@ -126,7 +126,7 @@ def test_gram_equals_single_example_autograd(name, form):
 
 @pytest.mark.parametrize("form", ["ghost", "materialise"])
 def test_gram_in_small_chunks_is_the_same(monkeypatch, form):
-    import benchmarks.ghost as ghost
+    import benchmarks.kit.ghost as ghost
 
     torch.manual_seed(0)
     model = conv_net().double()

@@ -1,7 +1,7 @@
 import pytest
 
+from benchmarks.core.protocol import apply_overrides, available_protocols, load_protocol, parse_assignments
 from benchmarks.errors import BenchError
-from benchmarks.protocol import apply_overrides, available_protocols, load_protocol, parse_assignments
 
 MINIMAL = """
 name = "tiny"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import main
-from benchmarks.publish import GENERATED, rebuild
-from benchmarks.record import SCHEMA, record_path, write_record
+from benchmarks.cli import main
+from benchmarks.core.record import SCHEMA, record_path, write_record
+from benchmarks.jobs.publish import GENERATED, rebuild
 from conftest import quiet
 from slurm_support import REPO
 

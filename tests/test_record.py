@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from benchmarks.record import RecordError, load_record, load_records, run_id, write_record
+from benchmarks.core.record import RecordError, load_record, load_records, run_id, write_record
 
-FP = "0123456789abcdef"  # a protocol fingerprint (benchmarks.protocol.fingerprint)
+FP = "0123456789abcdef"  # a protocol fingerprint (benchmarks.core.protocol.fingerprint)
 
 
 def test_run_id_is_stable_and_sensitive():
@@ -25,7 +25,7 @@ def test_run_id_is_stable_and_sensitive():
 
 
 def test_run_id_is_pinned_across_processes():
-    code = f"from benchmarks.record import run_id; print(run_id('smoke', 'full', {{}}, 3, {{'epochs': 2}}, '{FP}'))"
+    code = f"from benchmarks.core.record import run_id; print(run_id('smoke', 'full', {{}}, 3, {{'epochs': 2}}, '{FP}'))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == run_id("smoke", "full", {}, 3, {"epochs": 2}, FP)
 
@@ -57,7 +57,7 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
 
 WRITER = """
 import sys
-from benchmarks.record import write_record
+from benchmarks.core.record import write_record
 path = sys.argv[1]
 i = 0
 while True:

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import tasks, train
-from benchmarks.__main__ import main
-from benchmarks.record import load_record, record_path, write_record
-from benchmarks.run import RunSpec, checkpoint_path, execute
-from benchmarks.sweep import load_sweep, sweep_status, write_manifest
-from benchmarks.tasks import Marker, RequeueState, marker_alive, parse_slurm_time, requeue_decision
+from benchmarks.cli import main
+from benchmarks.core import train
+from benchmarks.core.record import load_record, record_path, write_record
+from benchmarks.core.run import RunSpec, checkpoint_path, execute
+from benchmarks.jobs import tasks
+from benchmarks.jobs.sweep import load_sweep, sweep_status, write_manifest
+from benchmarks.jobs.tasks import Marker, RequeueState, marker_alive, parse_slurm_time, requeue_decision
 from conftest import quiet
 from slurm_support import REPO
 from test_sweep import LONG, _start_and_wait_for, cli, same_results, write_spec
@@ -290,7 +291,7 @@ def test_records_follow_the_umask(tmp_path):
 
 
 def test_wandb_dir_is_respected(tmp_path, monkeypatch):
-    from benchmarks.wandb_logger import WandbLogger
+    from benchmarks.jobs.wandb_logger import WandbLogger
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
     assert WandbLogger(tmp_path / "results").out == tmp_path / "elsewhere"
@@ -341,14 +342,14 @@ def test_skip_data_check_leaves_the_data_to_the_tasks(tmp_path):
 
 def _prepare_heavy(name: str) -> dict:
     """Parameters that make a method's `prepare` train proxies on smoke: 2 runs of 2 epochs where it has them."""
-    from benchmarks.registry import method_class
+    from benchmarks.core.registry import method_class
 
     params = method_class(name).params
     return {k: v for k, v in (("score_epoch", 2), ("score_runs", 2)) if k in params}
 
 
 def _supervised_methods_with_prepare() -> list[str]:
-    from benchmarks.registry import list_methods
+    from benchmarks.core.registry import list_methods
 
     return [name for name, cls in list_methods().items()  # test-only methods of other test files excluded
             if cls.kind == "supervised" and cls.prepare is not train.Method.prepare and not name.startswith("test-")]
@@ -361,7 +362,7 @@ def test_every_method_stopped_inside_prepare_resumes_to_the_same_result(name, tm
     epoch, so the first run is finished and cached and the second has state worth keeping) ends in
     Preempted, and the run started again gives the metrics and compute of an undisturbed run. A
     method whose prepare keeps state outside the shared helpers' checkpoints fails here."""
-    from benchmarks.registry import method_class
+    from benchmarks.core.registry import method_class
 
     cls = method_class(name)
     protocol = "smoke-groups" if cls.reads_train_groups else "smoke"  # an oracle needs data with groups

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from test_report import UNIFORM, write
 
+from benchmarks.core.record import load_records
 from benchmarks.errors import BenchError
-from benchmarks.record import load_records
-from benchmarks.replicate import load_papers, markdown_table, parse_setting, replicate
+from benchmarks.reporting.replicate import load_papers, markdown_table, parse_setting, replicate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,15 @@ import sys
 
 import pytest
 
-from benchmarks.plots import write_plots
-from benchmarks.record import SCHEMA, load_records, record_path, write_record
-from benchmarks.report import build_sections, compute_to_target, latex_escape, latex_tables, markdown_tables
+from benchmarks.core.record import SCHEMA, load_records, record_path, write_record
+from benchmarks.reporting.plots import write_plots
+from benchmarks.reporting.tables import (
+    build_sections,
+    compute_to_target,
+    latex_escape,
+    latex_tables,
+    markdown_tables,
+)
 
 FULL_FLOPS = 1000
 

@@ -11,17 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.compute import ComputeMeter, flop_counter
+from benchmarks.core.compute import ComputeMeter, flop_counter
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.registry import create_method
+from benchmarks.core.run import RunSpec, build_context, execute
+from benchmarks.core.train import RunContext
 from benchmarks.data import load_data
 from benchmarks.errors import BenchError
-from benchmarks.pergrad import _outer_sq_norms, hooked_layers, last_layer_grad_norms, per_example_grad_norms
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.proxies import protocol_fingerprint
-from benchmarks.registry import create_method
-from benchmarks.run import RunSpec, build_context, execute
-from benchmarks.scoring import CCS_BINS, select_by_scores
-from benchmarks.subsets import class_quotas
-from benchmarks.train import RunContext
+from benchmarks.kit.pergrad import (
+    _outer_sq_norms,
+    hooked_layers,
+    last_layer_grad_norms,
+    per_example_grad_norms,
+)
+from benchmarks.kit.proxies import protocol_fingerprint
+from benchmarks.kit.scoring import CCS_BINS, select_by_scores
+from benchmarks.kit.subsets import class_quotas
 from conftest import quiet
 from methods.scores import el2n_pass
 
@@ -100,7 +105,7 @@ def test_grand_equals_brute_force_on_a_conv_bn_net(strategy):
 
 @pytest.mark.parametrize("name, shape", [("tiny-cnn", (3, 8, 8)), ("resnet18-cifar", (3, 8, 8))])
 def test_grand_hooks_on_the_suite_models(name, shape):
-    from benchmarks.models import create_model
+    from benchmarks.core.models import create_model
 
     torch.manual_seed(0)
     model = randomise_batchnorm(create_model(name, in_chans=3, num_classes=4).double(),
@@ -131,7 +136,7 @@ def test_outer_norm_forms_agree(p, d, t):
 
 
 def test_grand_lastlayer_is_the_last_layer_part_of_the_gradient():
-    from benchmarks.models import create_model
+    from benchmarks.core.models import create_model
 
     torch.manual_seed(0)
     model = randomise_batchnorm(create_model("tiny-cnn", in_chans=3, num_classes=4).double(),
@@ -338,7 +343,7 @@ def test_subset_survives_a_checkpoint_round_trip():
 
 
 def test_scores_cli_writes_the_averaged_scores(tmp_path):
-    from benchmarks.scores_cli import add_parser
+    from benchmarks.tools.scores import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

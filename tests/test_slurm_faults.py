@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.record import load_record, load_records, record_path
-from benchmarks.run import execute
-from benchmarks.sweep import load_sweep, read_manifest, sweep_status
+from benchmarks.core.record import load_record, load_records, record_path
+from benchmarks.core.run import execute
+from benchmarks.jobs.sweep import load_sweep, read_manifest, sweep_status
 from conftest import quiet
 from slurm_support import _job_gone, _run, start_cluster
 from test_sweep import _env, _logs, cli, same_results, write_spec

@@ -13,22 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import train
-from benchmarks.augment import Views
-from benchmarks.compute import flop_counter
+from benchmarks.core import train
+from benchmarks.core.augment import Views
+from benchmarks.core.compute import flop_counter
+from benchmarks.core.evaluation import linear_probe
+from benchmarks.core.models import embed
+from benchmarks.core.protocol import apply_overrides, load_protocol
+from benchmarks.core.registry import create_method
+from benchmarks.core.run import RunSpec, build_context, execute
+from benchmarks.core.saved_models import load_saved_model
 from benchmarks.data import DataBundle
 from benchmarks.data.splits import TensorSplit
 from benchmarks.errors import BenchError
-from benchmarks.evaluation import linear_probe
-from benchmarks.models import embed
-from benchmarks.priors import load_prior
-from benchmarks.protocol import apply_overrides, load_protocol
-from benchmarks.proxies import embedding_pass
-from benchmarks.registry import create_method
-from benchmarks.run import RunSpec, build_context, execute
-from benchmarks.saved_models import load_saved_model
-from benchmarks.ssl import byol_loss, ema_update, momentum_at
-from benchmarks.toy import ToyConfig, run_study
+from benchmarks.kit.priors import load_prior
+from benchmarks.kit.proxies import embedding_pass
+from benchmarks.kit.ssl import byol_loss, ema_update, momentum_at
+from benchmarks.tools.toy import ToyConfig, run_study
 from conftest import quiet
 from methods import rela as rela_module
 from methods.rela import PlateauSwitch, pca_targets, rela_steps
@@ -186,9 +186,9 @@ def test_budget_trains_a_fresh_random_share_each_epoch(tmp_path):
     assert [row["examples"] for row in half["curve"]] == [512, 512]
     assert half["compute"]["fraction"] == pytest.approx(0.5) and full["compute"]["fraction"] == pytest.approx(1.0)
     # Tables and replication take full BYOL (budget 1.0) as "full data", not every BYOL row.
-    from benchmarks.record import load_records
-    from benchmarks.replicate import _is_reference_run
-    from benchmarks.report import build_sections
+    from benchmarks.core.record import load_records
+    from benchmarks.reporting.replicate import _is_reference_run
+    from benchmarks.reporting.tables import build_sections
 
     records, _ = load_records(tmp_path / "runs")
     (section,) = build_sections(records)
@@ -412,7 +412,7 @@ def test_toy_command_prints_verdicts_and_writes_the_plot(tmp_path):
 
 
 def test_the_ssl_fashion_sweep_uses_the_prior_sweeps_saved_run():
-    from benchmarks.sweep import load_sweep
+    from benchmarks.jobs.sweep import load_sweep
 
     prior = load_sweep("ssl-fashion-prior")
     assert prior.save_model and len(prior.runs) == 1 and prior.runs[0].method == "byol"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.core.record import load_record, record_path, write_record
+from benchmarks.core.run import RunSpec, checkpoint_path, execute
 from benchmarks.errors import BenchError
-from benchmarks.record import load_record, record_path, write_record
-from benchmarks.run import RunSpec, checkpoint_path, execute
-from benchmarks.sweep import compress_indices, load_sweep, sweep_status, write_manifest
+from benchmarks.jobs.sweep import compress_indices, load_sweep, sweep_status, write_manifest
 from conftest import quiet
 from slurm_support import REPO, _run, _wait_gone, start_cluster, start_until
 
@@ -166,7 +166,7 @@ name = "infobatch"
 
 WRITER = """
 import sys
-from benchmarks.record import write_record
+from benchmarks.core.record import write_record
 for i in range(300):
     write_record(sys.argv[1], {"schema": 1, "run_id": "x", "status": "complete", "protocol": "p", "method": "m",
                                "params": {}, "seed": int(sys.argv[2]), "overrides": {}, "pad": "x" * 20000})

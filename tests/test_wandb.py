@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from benchmarks import wandb_logger
-from benchmarks.record import load_record, record_path
-from benchmarks.report import build_sections, markdown_tables
-from benchmarks.run import RunSpec, execute
-from benchmarks.wandb_logger import WandbLogger, records_from_wandb, resolve_mode
+from benchmarks.core.record import load_record, record_path
+from benchmarks.core.run import RunSpec, execute
+from benchmarks.jobs import wandb_logger
+from benchmarks.jobs.wandb_logger import WandbLogger, records_from_wandb, resolve_mode
+from benchmarks.reporting.tables import build_sections, markdown_tables
 from conftest import quiet
 
 
@@ -141,7 +141,7 @@ def test_offline_run_holds_config_curve_and_summary(tmp_path, offline, monkeypat
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, offline, monkeypatch):
-    from benchmarks import train
+    from benchmarks.core import train
 
     spec = RunSpec("smoke", "full", {}, 3, {"epochs": 2})
     original = train.Trainer.run_epoch
@@ -204,7 +204,7 @@ def test_unreachable_wandb_online_falls_back_to_offline_once(tmp_path, offline, 
 
 
 def test_wandb_off_never_imports_wandb(tmp_path):
-    code = ("import sys; from benchmarks.__main__ import main; "
+    code = ("import sys; from benchmarks.cli import main; "
             f"rc = main(['run', '--protocol', 'smoke', '--method', 'full', '--set', 'epochs=1', '--out', {str(tmp_path)!r}, "
             "'--wandb', 'off']); assert rc == 0; assert 'wandb' not in sys.modules, 'wandb was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -243,7 +243,7 @@ class FakeApi:
 def test_tables_from_a_fake_wandb_api_equal_the_local_tables(tmp_path):
     from test_report import write  # the same hand-made records as the table tests
 
-    from benchmarks.record import load_records
+    from benchmarks.core.record import load_records
 
     write(tmp_path, "f0", "full", {}, 0, 0.90, 1.0, 10, [(1, 500, 0.80), (2, 1000, 0.90)])
     write(tmp_path, "f1", "full", {}, 1, 0.92, 1.0, 12, [(1, 500, 0.905), (2, 1000, 0.92)])

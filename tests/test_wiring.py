@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from test_scores import smoke_ctx
 
-from benchmarks.hooks import Method, StepInfo
-from benchmarks.proxies import train_proxy
-from benchmarks.run import RunSpec, build_context, execute
-from benchmarks.scoring import DynamicsRecorders, compute_scores
-from benchmarks.train import Trainer
+from benchmarks.api import Method, StepInfo
+from benchmarks.core.run import RunSpec, build_context, execute
+from benchmarks.core.train import Trainer
+from benchmarks.kit.proxies import train_proxy
+from benchmarks.kit.scoring import DynamicsRecorders, compute_scores
 from conftest import quiet
 from methods.infobatch import InfoBatch
 

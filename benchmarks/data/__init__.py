@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BenchError
-from . import sources, spurious, waterbirds
-from .splits import StreamingSplit, TensorSplit
+from benchmarks.data import sources, spurious, waterbirds
+from benchmarks.data.splits import StreamingSplit, TensorSplit
+from benchmarks.errors import BenchError
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "data-efficiency-bench"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BenchError
+from benchmarks.errors import BenchError
 
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -129,7 +129,7 @@ def read_imagefolder(folder: Path, kwargs: dict):
     import torchvision
     from torchvision import transforms as T
 
-    from .splits import StreamingSplit
+    from benchmarks.data.splits import StreamingSplit
 
     size = int(kwargs.get("image_size", 224))
     resize = int(kwargs.get("resize", round(size * 256 / 224)))

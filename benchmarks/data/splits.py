@@ -20,9 +20,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ..augment import Views, apply_pipeline
-from ..distributed import shard_of
-from ..hooks import Batch
+from benchmarks.api import Batch
+from benchmarks.core.augment import Views, apply_pipeline
+from benchmarks.core.distributed import shard_of
 
 
 class GroupLabelsHidden(RuntimeError):
@@ -111,7 +111,7 @@ class TensorSplit(_GroupLabels):
                 views: Views | None = None, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
         """Batches of the examples `order` (CPU int64 dataset indices), in that order.
 
-        `augment`: a parsed pipeline (benchmarks.augment.parse_pipeline), drawn from `generator`.
+        `augment`: a parsed pipeline (benchmarks.core.augment.parse_pipeline), drawn from `generator`.
         `shard` = (rank, world_size): every batch is built and augmented whole (the same draws as one
         process) and this rank's contiguous share of it is yielded.
         """

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BenchError
+from benchmarks.errors import BenchError
 
 DEFAULTS = {
     "classes": [[0, 3], [2, 4]],  # {T-shirt/top, Dress} vs {Pullover, Coat}: shape cues that take some learning

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BenchError
-from .sources import IMAGENET_STATS
+from benchmarks.data.sources import IMAGENET_STATS
+from benchmarks.errors import BenchError
 
 FOLDERS = ("waterbird_complete95_forest2water2", "waterbirds_v1.0", "waterbirds")
 COLUMNS = ("img_filename", "y", "split", "place")
@@ -105,7 +105,7 @@ def transforms(kwargs: dict):
 
 def read_waterbirds(folder: Path, kwargs: dict) -> dict:
     """{"train", "val", "test": StreamingSplit with groups}, from a folder holding metadata.csv."""
-    from .splits import StreamingSplit
+    from benchmarks.data.splits import StreamingSplit
 
     unknown = sorted(set(kwargs) - {"image_size", "resize_scale", "num_workers"})
     if unknown:

@@ -1,0 +1,697 @@
+"""Command line: python -m benchmarks {list,run,bench,tables,plots,replicate} ... (`--help` on each)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import NoReturn
+
+from benchmarks.errors import BenchError
+from benchmarks.tools.scores import add_parser as add_scores_parser
+from benchmarks.tools.toy import add_parser as add_toy_parser
+
+EXAMPLES = """examples:
+  python -m benchmarks list
+  python -m benchmarks run --protocol fashion-mnist --method uniform --param fraction=0.3 --seed 1
+  python -m benchmarks run --protocol smoke --method full --set epochs=1
+  python -m benchmarks tables --runs results                  # the table of your runs (results/runs/)
+  python -m benchmarks publish fashion-pruning                 # a sweep's records -> results/records/
+  python -m benchmarks tables --published                      # results/records -> results/tables
+  python -m benchmarks replicate --runs results --claims-out claims.md  # papers' numbers and claims vs records
+"""
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from benchmarks.core.models import list_models
+    from benchmarks.core.protocol import available_protocols, load_protocol
+    from benchmarks.core.registry import list_methods
+
+    print("methods (kind: the protocols' task they fit):")
+    for name, cls in list_methods().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        oracle = " [ORACLE: reads training group labels]" if cls.reads_train_groups else ""
+        needs = ", needs a holdout" if cls.needs_holdout else ""
+        print(f"  {name:<16} [{cls.kind}{needs}]{oracle} {doc}")
+        for pname, param in cls.params.items():
+            print(f"      {pname:<16} {param.describe()}{': ' + param.help if param.help else ''}")
+    print("protocols:")
+    for name in available_protocols():
+        p = load_protocol(name)
+        selection = f", checkpoint by {p.selection_rule}" if p.selection_rule != "last-epoch" else ""
+        print(f"  {name:<16} {p.dataset}, {p.model}, {p.epochs} epochs, batch {p.batch_size}, budget={p.budget}, "
+              f"{p.task}, reference {p.reference}{selection}")
+    print("local models: " + ", ".join(list_models()) + " (and any timm model as timm:<name>)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from benchmarks.core.protocol import parse_assignments
+    from benchmarks.core.run import RunSpec, execute
+
+    spec = RunSpec(protocol=args.protocol, method=args.method,
+                   params=parse_assignments(args.param, "--param"), seed=args.seed,
+                   overrides=parse_assignments(args.set, "--set"))
+    record = execute(spec, args.out, data_root=args.data_root, device=args.device, force=args.force,
+                     loggers=_wandb_loggers(args), save=args.save_model)
+    from benchmarks.core.distributed import current
+
+    if current() is not None and not current().is_main:
+        return 0  # rank 0 reports
+    metrics, compute = record["metrics"], record["compute"]
+    print(f"{record['status']}: {record['run_id']} test_acc={metrics.get('test_acc', float('nan')):.4f} "
+          f"fraction={compute['fraction']:.3f} selection_share={compute['selection_share']:.3f} "
+          f"wall_clock={record['wall_clock_s']:.1f}s")
+    return 0
+
+
+def _quick(overrides: dict, protocol: str, quick: bool) -> dict:
+    """--quick: a tenth of the protocol's epochs (a check that everything runs, not a result)."""
+    if not quick or "epochs" in overrides:
+        return overrides
+    from benchmarks.core.protocol import load_protocol
+
+    return dict(overrides, epochs=max(1, load_protocol(protocol).epochs // 10))
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(re.fullmatch(r"-?\d+", item) for item in items):
+        raise BenchError(f"{option} '{text}' must be comma-separated whole numbers (e.g. 0,1,2)")
+    return [int(item) for item in items]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Every method (default: all that fit the protocol) at its default settings, for each seed, then the table.
+
+    The runs are checked before the first starts (protocol, parameters, data, device, results folder)
+    and listed in a manifest (OUT/sweeps/<name>/), as a sweep's are: `status` and `publish` work on it.
+    """
+    import time
+
+    from benchmarks.core.protocol import load_protocol, parse_assignments
+    from benchmarks.core.registry import list_methods, method_class
+    from benchmarks.core.run import RunSpec, execute
+    from benchmarks.data import dataset_has_groups
+    from benchmarks.jobs.preflight import check_runs
+    from benchmarks.jobs.sweep import Sweep, sweep_dir, write_manifest
+
+    protocol = load_protocol(args.protocol)
+    overrides = _quick(parse_assignments(args.set, "--set"), args.protocol, args.quick)
+    groups = dataset_has_groups(protocol.dataset, protocol.data_kwargs)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods is not None else [
+        name for name, cls in list_methods().items()  # the methods that fit (group methods: on groups only)
+        if cls.kind == protocol.task and (groups or not cls.for_groups) and (protocol.holdout or not cls.needs_holdout)]
+    skipped = [] if args.methods is not None else [
+        name for name, cls in list_methods().items() if cls.kind == protocol.task and cls.needs_holdout
+        and not protocol.holdout]
+    for name in methods:
+        method_class(name)  # unknown names fail before anything runs
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds is not None else protocol.seeds[:1]
+    shared = parse_assignments(args.param, "--param")
+    for key in shared:  # a typo would otherwise be dropped silently (a --param goes to the methods having it)
+        if not any(key in cls.params for cls in list_methods().values()):
+            raise BenchError(f"--param '{key}' is a parameter of no method; `python -m benchmarks list` shows each "
+                             "method's parameters")
+
+    def params_for(method: str) -> dict:  # a --param goes to every method that has that parameter
+        return {k: v for k, v in shared.items() if k in method_class(method).params}
+
+    specs = [RunSpec(protocol=args.protocol, method=m, params=params_for(m), seed=s, overrides=overrides)
+             for s in seeds for m in methods]
+    name = _job_name(args.name or f"bench-{protocol.name}")
+    check_runs(specs, data_root=args.data_root, device=args.device, check_data=not args.skip_data_check,
+               out=args.out)
+    if skipped:  # said once everything is checked: bad input stays one line
+        print(f"not run (they need a held-out split; add --set holdout=0.1): {', '.join(skipped)}")
+    manifest, _ = write_manifest(Sweep(name, args.protocol, specs, source="bench"), args.out, args.data_root)
+    started, failed = time.perf_counter(), []
+    loggers = _wandb_loggers(args)
+    for i, spec in enumerate(specs, 1):
+        print(f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}", flush=True)
+        try:
+            execute(spec, args.out, data_root=args.data_root, device=args.device, loggers=loggers,
+                    save=args.save_model, group=name)
+        except Exception as exc:  # noqa: BLE001 - checked before the start, so this is the run's own failure:
+            failed.append(f"{spec.method} seed {spec.seed}: {type(exc).__name__}: {exc}")  # its record says it
+            print(f"  failed: {failed[-1]}", flush=True)
+    print(f"bench wall-clock: {time.perf_counter() - started:.0f} s for {len(specs)} runs")
+    status = _job_tables(manifest, sweep_dir(args.out, name) / "tables")
+    for line in failed:
+        print(f"FAILED {line}")
+    return 1 if failed else status
+
+
+def _job_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise BenchError(f"job name '{name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
+    return name
+
+
+def _job_tables(manifest, tables_out) -> int:
+    """The table of one job (a sweep or a bench) from its own records, printed and written to its folder.
+
+    Never results/tables/: that folder holds the published tables, rebuilt by `nox -s tables` from the
+    published records (results/records/), and a job must not erase a table it did not make.
+    """
+    from benchmarks.core.record import RecordError, load_record, record_path
+    from benchmarks.jobs.sweep import read_manifest
+
+    records, problems = [], []
+    for line in read_manifest(manifest):
+        path = record_path(line["out"], line["run_id"])
+        if path.exists():
+            try:
+                records.append(dict(load_record(path), _path=str(path)))
+            except RecordError as exc:
+                problems.append(str(exc))
+    for problem in problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    return _render(records, str(manifest), tables_out, plots_out=f"{tables_out}/plots")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from benchmarks.core.protocol import parse_assignments
+    from benchmarks.jobs.preflight import check_runs
+    from benchmarks.jobs.sweep import (
+        LIVE_STATES,
+        load_sweep,
+        parse_slurm_options,
+        run_local,
+        slurm_groups,
+        submit_slurm,
+        sweep_dir,
+        sweep_status,
+        write_manifest,
+    )
+
+    if args.jobs < 1:
+        raise BenchError(f"--jobs {args.jobs}: must be >= 1")
+    slurm_options = parse_slurm_options(args.slurm)  # checked whatever the executor: nothing is silently ignored
+    overrides = parse_assignments(args.set, "--set")
+    if args.quick:
+        overrides = _quick(overrides, load_sweep(args.spec).protocol, True)
+    sweep = load_sweep(args.spec, overrides, quick=args.quick)
+    # Check what every run needs HERE, before a manifest is written or a job submitted: under Slurm
+    # this is the submitting host (--skip-data-check for data that only the compute nodes see).
+    check_runs(sweep.runs, data_root=args.data_root, check_data=not args.skip_data_check, out=args.out)
+    manifest, lines = write_manifest(sweep, args.out, args.data_root)
+    os.environ["BENCH_WANDB"] = args.wandb  # tasks inherit it: sbatch exports the environment
+    states = sweep_status(manifest)
+    complete = [i for i, _, state, _ in states if state == "complete"]
+    live = [i for i, _, state, _ in states if state in LIVE_STATES]
+    todo = [i for i, _, state, _ in states if state != "complete" and state not in LIVE_STATES]
+    print(f"sweep {sweep.name}: {len(lines)} runs in {manifest}: {len(todo)} to run, {len(complete)} already "
+          f"complete" + (f", {len(live)} running or queued" if live else ""))
+    if args.dry_run or not todo:
+        for i in todo if args.dry_run else []:
+            line = lines[i]
+            print(f"  [{i}] {line['run_id']} {line['method']} {line['params']} seed {line['seed']}")
+        return 0
+    if args.executor == "slurm":
+        for slurm, indices in slurm_groups(lines, todo, sweep.slurm, slurm_options):
+            submit_slurm(manifest, indices, slurm, job_name=f"bench-{sweep.name}")
+        return 0
+    final = run_local(manifest, todo, jobs=args.jobs)
+    failed = [i for state, indices in final.items() if state != "complete" for i in indices]
+    summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(final.items()))
+    print(f"summary: {summary}")
+    for i in failed:
+        print(f"  not complete: [{i}] {lines[i]['method']} {lines[i]['params']} seed {lines[i]['seed']}")
+    if not failed:
+        _job_tables(manifest, sweep_dir(args.out, sweep.name) / "tables")
+    return 1 if failed else 0
+
+
+def _cmd_task(args: argparse.Namespace) -> int:
+    """One manifest line, as a Slurm array task or a local sweep worker; checkpoint + requeue on signal.
+
+    benchmarks/tasks.py says how a task proves it is alive and when a requeue is refused.
+    """
+    import subprocess
+
+    from benchmarks.core.distributed import is_rank_zero
+    from benchmarks.core.run import execute, write_failed_record
+    from benchmarks.core.train import Preempted
+    from benchmarks.jobs.sweep import line_spec, read_manifest_line
+    from benchmarks.jobs.tasks import (
+        MAX_REQUEUES,
+        Heartbeat,
+        load_requeue_state,
+        marker_alive,
+        read_marker,
+        requeue_decision,
+        requeue_file,
+        running_marker,
+        save_requeue_state,
+        slurm_states,
+        stop_kind,
+        this_marker,
+        write_marker,
+    )
+
+    line = read_manifest_line(args.manifest, args.index)
+    spec = line_spec(line)
+    if spec.run_id != line["run_id"]:  # the protocol file was edited after the sweep was written
+        raise BenchError(f"manifest {args.manifest}, line {args.index}: run {line['run_id']} is now {spec.run_id} "
+                         f"(protocol '{spec.protocol}' or a method's defaults changed since the sweep was written); "
+                         "run `sweep` again to write the manifest for the current protocol")
+    out, rid = line["out"], line["run_id"]
+    if not is_rank_zero():  # data parallel: rank 0 keeps the marker and requeues
+        return _task_rank(args, line, spec)
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    task_id = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else None
+    marker_path = running_marker(out, rid)
+    existing = read_marker(marker_path)
+    if existing is not None and not (task_id and existing.job == task_id):  # (a requeued task is itself)
+        alive, why = marker_alive(existing, marker_path, slurm_states({existing.job}) if existing.job else {})
+        if alive:
+            print(f"run {rid} is already running ({why}); not starting a second copy", flush=True)
+            return 0
+
+    _request_stop_on_signals()
+    write_marker(marker_path, this_marker(task_id))
+    keep_marker = False
+    try:
+        with Heartbeat(marker_path):
+            execute(spec, out, data_root=args.data_root or line.get("data_root"), device=args.device,
+                    group=line.get("group"), loggers=_wandb_loggers(args, out), save=line.get("save_model", False))
+        requeue_file(out, rid).unlink(missing_ok=True)
+    except Preempted as stop:
+        if not task_id:
+            print("stopped; run the same command again to resume from the checkpoint", flush=True)
+            return 3
+        state = load_requeue_state(requeue_file(out, rid), task_id)
+        requeue, why = requeue_decision(state, stop_kind(task_id), getattr(stop, "progress", 0.0),
+                                        int(os.environ.get("BENCH_MAX_REQUEUES", MAX_REQUEUES)))
+        save_requeue_state(requeue_file(out, rid), state)
+        if not requeue:
+            write_failed_record(spec, out, f"RequeueRefused: {why}", group=line.get("group"))
+            print(f"not requeued: {why}", flush=True)
+            return 1
+        # The requeued task keeps its id and its marker: squeue lists it as pending, so the run stays
+        # "running" and a resubmitted sweep does not start a second copy.
+        keep_marker = subprocess.run(["scontrol", "requeue", task_id], check=False).returncode == 0
+        print(f"requeued {task_id}: {why}" if keep_marker else f"scontrol requeue {task_id} failed: {why}",
+              flush=True)
+        return 3
+    except BenchError as exc:  # found only here (data that the submitting host could not check): say it in a record
+        write_failed_record(spec, out, f"{type(exc).__name__}: {exc}", group=line.get("group"))
+        raise
+    finally:
+        if not keep_marker:
+            marker_path.unlink(missing_ok=True)
+    return 0
+
+
+def _request_stop_on_signals() -> None:
+    """SIGUSR1 (Slurm's warning) and SIGTERM stop training at the next step boundary, with a checkpoint."""
+    import signal
+
+    from benchmarks.core.train import STOP
+
+    def request_stop(signum, _frame):
+        if not STOP.is_set():
+            print(f"received {signal.Signals(signum).name}: stopping at the next step to checkpoint", flush=True)
+        STOP.set()
+
+    signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def _task_rank(args: argparse.Namespace, line: dict, spec) -> int:
+    """A rank other than 0 of a data-parallel task: it trains and stops with the others, and leaves
+    the marker, the requeue and any record to rank 0."""
+    from benchmarks.core.run import execute
+    from benchmarks.core.train import Preempted
+
+    _request_stop_on_signals()
+    try:
+        execute(spec, line["out"], data_root=args.data_root or line.get("data_root"), device=args.device,
+                group=line.get("group"), save=line.get("save_model", False))
+    except Preempted:
+        return 3
+    return 0
+
+
+def _find_manifest(target: str, out: str):
+    """A sweep's manifest from its name, its spec file (.toml), its folder or the manifest itself."""
+    from pathlib import Path
+
+    from benchmarks.core.protocol import read_toml
+    from benchmarks.jobs.sweep import SWEEP_DIR, manifest_path
+
+    path = Path(target)
+    if path.is_dir():
+        path = path / "manifest.jsonl"
+    elif path.suffix == ".toml" or (not path.exists() and (SWEEP_DIR / f"{target}.toml").exists()):
+        spec = path if path.exists() else SWEEP_DIR / f"{target}.toml"
+        name = read_toml(spec).get("name") if spec.exists() else None
+        if not isinstance(name, str):
+            raise BenchError(f"{spec}: not a sweep spec with a name (give the sweep's name, folder or manifest)")
+        path = manifest_path(out, name)
+    elif not path.exists():
+        path = manifest_path(out, target)
+    if not path.is_file():
+        raise BenchError(f"no manifest for sweep '{target}' (looked for {path}); `sweep SPEC` writes it")
+    return path
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from benchmarks.jobs.sweep import sweep_status
+
+    counts: dict[str, int] = {}
+    for i, line, state, detail in sweep_status(_find_manifest(args.sweep, args.out)):
+        counts[state] = counts.get(state, 0) + 1
+        print(f"[{i:>3}] {state:<11} {line['run_id']} {line['method']} {line['params']} seed {line['seed']}"
+              + (f"  {detail}" if detail else ""))
+    print("total: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    """Copy a job's complete records into the published records (results/records/<name>/)."""
+    from benchmarks.jobs.publish import publish
+
+    manifest = _find_manifest(args.sweep, args.out)
+    return publish(manifest, args.to, partial=args.partial)
+
+
+def _wandb_loggers(args: argparse.Namespace, out: str | None = None) -> list:
+    """The run loggers that `--wandb` asks for; "off" never imports wandb."""
+    if args.wandb == "off":
+        return []
+    from benchmarks.jobs.wandb_logger import make_loggers
+
+    return make_loggers(args.wandb, out or args.out)
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    if not 0 <= args.target_tolerance < 1:
+        raise BenchError(f"--target-tolerance {args.target_tolerance}: must be in [0, 1) (0.01 = 1 pp)")
+    if args.published:  # what `nox -s tables` runs: the committed tables from the committed records
+        from benchmarks.jobs.publish import rebuild
+
+        records = args.records or "results/records"
+        _records_folder(args.runs, records)
+        return rebuild(records, args.out or "results/tables", args.papers)
+    records, source = _load(args.runs, args.from_wandb, args.records)
+    return _render(records, source, args.out, tolerance=args.target_tolerance)
+
+
+def _records_folder(results: str, records: str | None):
+    """The folder of record files: --records as given, or the results folder's runs/ (BenchError if absent)."""
+    from pathlib import Path
+
+    from benchmarks.core.record import runs_dir
+
+    folder = Path(records) if records else runs_dir(results)
+    if not folder.is_dir():
+        what = f"--records '{records}'" if records else f"--runs '{results}' (records are read from {folder})"
+        published = Path(results) / "records"
+        hint = (f"; this checkout's published records are read with --records {published}"
+                if not records and published.is_dir() else "")
+        raise BenchError(f"{what}: no such folder{hint}")
+    return folder
+
+
+def _load(results: str, from_wandb: str | None = None, records_dir: str | None = None) -> tuple[list[dict], str]:
+    """Records (with problem lines printed as warnings) from a results folder, a records folder, or W&B."""
+    from benchmarks.core.record import load_records
+
+    if from_wandb:
+        from benchmarks.jobs.wandb_logger import records_from_wandb
+
+        records, problems = records_from_wandb(from_wandb)
+        source = f"W&B project {from_wandb}"
+    else:
+        folder = _records_folder(results, records_dir)
+        records, problems = load_records(folder)
+        source = str(folder)
+    for problem in problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    return records, source
+
+
+def _sections(records: list[dict], source: str, tolerance: float = 0.01) -> list | None:
+    """Table sections from the records, warnings for unreadable ones; None if there are none."""
+    from benchmarks.reporting.tables import build_sections
+
+    problems: list[str] = []
+    sections = build_sections(records, problems, tolerance)
+    for problem in problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    if not sections:
+        print(f"no complete run records under {source}")
+        return None
+    return sections
+
+
+def _render(records: list[dict], source: str, tables_out, *, tolerance: float = 0.01, plots_out=None) -> int:
+    from benchmarks.reporting.tables import markdown_tables, write_tables
+
+    sections = _sections(records, source, tolerance)
+    if sections is None:
+        return 1
+    for text in markdown_tables(sections).values():
+        print(text)
+    if tables_out:
+        for path in write_tables(sections, tables_out):
+            print(f"wrote {path}")
+    if plots_out:
+        from benchmarks.reporting.plots import write_plots
+
+        for path in write_plots(sections, plots_out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_plots(args: argparse.Namespace) -> int:
+    from benchmarks.reporting.plots import write_plots
+
+    sections = _sections(*_load(args.runs, None, args.records))
+    if sections is None:
+        return 1
+    for path in write_plots(sections, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_replicate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchmarks.core.protocol import parse_assignments
+    from benchmarks.reporting.claims import evaluate_claims, load_claims, markdown_claims
+    from benchmarks.reporting.replicate import load_papers, markdown_table, replicate
+
+    papers = None if args.claims_only else load_papers(args.papers)  # the paper files are checked first
+    claims = load_claims(args.papers)
+    extra = parse_assignments(args.set, "--set")
+    records, _ = _load(args.runs, None, args.records)
+    outputs = []
+    if papers is not None:
+        outputs.append((markdown_table(replicate(papers, records)), args.out))
+    if claims:
+        for claim in claims:  # a check at tiny scale: records made with the same extra overrides
+            for form in claim.forms:
+                form.overrides = dict(form.overrides, **extra)
+        outputs.append((markdown_claims(evaluate_claims(claims, records, args.scale), args.scale), args.claims_out))
+    for text, target in outputs:
+        print(text)
+        if target:
+            out = Path(target)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            print(f"wrote {out}")
+    return 0
+
+
+WANDB_CHOICES = ("auto", "online", "offline", "off")
+WANDB_HELP = ("Weights & Biases logging: auto follows WANDB_MODE and goes offline without an API key "
+              "(files under OUT/wandb/); off never imports wandb (default auto)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (and exit status 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+DATA_CHECK_HELP = ("do not check the data on this host before starting (for data that only the compute nodes "
+                   "see); protocol, parameters and the results folder are still checked")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m benchmarks", description="Benchmark suite for data-efficient deep learning.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="methods with their parameters and defaults; protocols")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("run", help="train one run and write its record (skipped if already complete)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", required=True, help="protocol name (see `list`) or path to a .toml file")
+    p.add_argument("--method", required=True, help="method name (see `list`)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter, repeatable (values in TOML syntax: 0.5, true, 'text')")
+    p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="protocol override, repeatable, recorded in the run record (e.g. epochs=5)")
+    p.add_argument("--out", default="results", help="results folder; records go to OUT/runs/ (default results)")
+    p.add_argument("--data-root", default=None, help="where datasets are looked for first (then $BENCH_DATA)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--force", action="store_true", help="rerun even if a complete record exists")
+    p.add_argument("--save-model", action="store_true",
+                   help="keep the final model as OUT/models/<run_id>.pt (a prior or teacher for later runs)")
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="run every method at its defaults on a protocol, then print the table")
+    p.add_argument("--protocol", required=True)
+    p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    p.add_argument("--seeds", default=None, help="comma-separated (default: the protocol's first seed)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter for every method that has it (e.g. score_runs=2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override")
+    p.add_argument("--quick", action="store_true", help="a tenth of the protocol's epochs (a check, not a result)")
+    p.add_argument("--save-model", action="store_true", help="keep every run's final model under OUT/models/")
+    p.add_argument("--out", default="results",
+                   help="results folder: records in OUT/runs/, the job's table in OUT/sweeps/NAME/tables/")
+    p.add_argument("--name", default=None, help="the job's name (default bench-<protocol>): its folder under "
+                   "OUT/sweeps/, and the set name `publish` gives its records")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-data-check", action="store_true", help=DATA_CHECK_HELP)
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("sweep", help="expand a sweep spec into a manifest; run it here or as one Slurm job array")
+    p.add_argument("spec", help="a sweep spec (.toml path, or a name in benchmarks/sweeps/)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local: runs at a time (default 1)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: partition, gpus, time, mem, account, parallel, cpus_per_task, max_requeues, extra "
+                        "(over the spec's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override for all runs")
+    p.add_argument("--quick", action="store_true", help="a check that every [[methods]] block runs end to end, not a "
+                   "result: its first grid point, the first seed, a tenth of the protocol's epochs")
+    p.add_argument("--dry-run", action="store_true", help="write the manifest and list the new runs; run nothing")
+    p.add_argument("--out", default="results",
+                   help="results folder: records in OUT/runs/, the manifest, logs and table in OUT/sweeps/NAME/")
+    p.add_argument("--data-root", default=None, help="where every task looks for datasets first (then $BENCH_DATA)")
+    p.add_argument("--skip-data-check", action="store_true", help=DATA_CHECK_HELP)
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("task", help="run one manifest line (what each Slurm array task does)")
+    p.add_argument("manifest")
+    p.add_argument("index", type=int, help="0-based line number ($SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--data-root", default=None, help="(default: the sweep's --data-root, then $BENCH_DATA)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default=os.environ.get("BENCH_WANDB", "auto"),
+                   help=WANDB_HELP + " (default: $BENCH_WANDB, set by `sweep`, else auto)")
+    p.set_defaults(func=_cmd_task)
+
+    p = sub.add_parser("status", help="complete / running / queued / failed / interrupted / missing per run of a "
+                       "sweep or bench job, from the files (and squeue)")
+    p.add_argument("sweep", help="sweep or job name, its spec (.toml), its folder, or its manifest.jsonl")
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("publish", help="copy a sweep's or bench job's complete records into the published records "
+                       "(results/records/<name>/), which `nox -s tables` turns into results/tables/")
+    p.add_argument("sweep", help="sweep or job name (bench-<protocol> for bench), its spec, folder or manifest")
+    p.add_argument("--out", default="results", help="the results folder the job wrote to (default results)")
+    p.add_argument("--to", default="results/records", help="published records folder (default results/records)")
+    p.add_argument("--partial", action="store_true", help="publish the complete runs even if others are not")
+    p.set_defaults(func=_cmd_publish)
+
+    p = sub.add_parser("tables", help="Markdown and LaTeX tables per protocol from the run records (or W&B)")
+    p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
+    p.add_argument("--records", default=None, metavar="DIR",
+                   help="a folder of record files instead (searched recursively), e.g. results/records")
+    p.add_argument("--out", default=None, help="also write <protocol>.md and <protocol>.tex per protocol here")
+    p.add_argument("--from-wandb", default=None, metavar="ENTITY/PROJECT",
+                   help="rebuild the tables from W&B's runs instead of the local records")
+    p.add_argument("--target-tolerance", type=float, default=0.01, metavar="T",
+                   help="target accuracy = full-data mean test accuracy - T (default 0.01 = 1 pp)")
+    p.add_argument("--published", action="store_true",
+                   help="rebuild the published tables: from --records (default results/records) into --out "
+                        "(default results/tables), with plots and replication.md, replacing what was there")
+    p.add_argument("--papers", default="results/paper", help="with --published: the paper files (default results/paper)")
+    p.set_defaults(func=_cmd_tables)
+
+    p = sub.add_parser("plots", help="accuracy vs compute saved, and accuracy vs FLOPs curves (PNG and PDF)")
+    p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
+    p.add_argument("--records", default=None, metavar="DIR", help="a folder of record files instead")
+    p.add_argument("--out", required=True, help="folder for the plots")
+    p.set_defaults(func=_cmd_plots)
+
+    p = sub.add_parser("replicate", help="our runs next to the papers' numbers, and their claims checked "
+                       "(holds / fails / not run) from the records (results/paper/*.toml)")
+    p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
+    p.add_argument("--records", default=None, metavar="DIR", help="a folder of record files instead")
+    p.add_argument("--papers", default="results/paper", help="folder of paper TOML files (default results/paper)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown table here")
+    p.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
+                   help="which form of the claims ([[claim]] tables) to check: the CPU-scale analogues (default) "
+                        "or the paper-scale protocols")
+    p.add_argument("--claims-out", default=None, metavar="FILE", help="also write the claims table here")
+    p.add_argument("--claims-only", action="store_true", help="only the claims table, not the paper numbers")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="claims: match records made with these protocol overrides too (a tiny-scale check, e.g. "
+                        "the --set items a sweep was run with)")
+    p.set_defaults(func=_cmd_replicate)
+    add_scores_parser(sub)
+    add_toy_parser(sub)
+    return parser
+
+
+def one_line(message: str) -> str:
+    """A message as one line, whatever it quotes (a multi-line error from a library)."""
+    return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BenchError as exc:
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`| head`): nothing to say, as a shell's SIGPIPE
+        return 141
+    except OSError as exc:  # a path the user gave that cannot be read or written: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """Exit with main()'s status, first writing it to $BENCH_STATUS_FILE when set (slurm/array.sbatch
+    reads it: bash can lose a child's exit status to a signal trap that lands as the child exits)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    path = os.environ.get("BENCH_STATUS_FILE")
+    from benchmarks.core.distributed import end_process, is_rank_zero
+
+    if path and is_rank_zero():  # a data-parallel run: rank 0 speaks for the task
+        try:
+            with open(path, "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass  # the template falls back on wait's answer
+    end_process(code)
+
+
+if __name__ == "__main__":
+    run_and_exit()

@@ -1,0 +1,181 @@
+"""The run record: one JSON file per run, the source of truth for every table.
+
+Written atomically (a temporary file in the same folder, fsync, then rename), so a crash leaves
+the old file or none, never half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.errors import BenchError
+
+# 2: compute measured with flop_counter (train, selection, eval as executed); the reference method named.
+# 1: compute estimated as "backward = 2 x forward" of the main model; never tabulated beside 2.
+SCHEMA = 2
+STATUSES = ("complete", "failed")
+REQUIRED_KEYS = ("schema", "run_id", "status", "protocol", "method", "params", "seed", "overrides")
+
+
+class RecordError(Exception):
+    """A record file that cannot be read (truncated, not JSON, missing keys)."""
+
+
+def run_id(protocol: str, method: str, params: dict, seed: int, overrides: dict, fingerprint: str) -> str:
+    """A stable hash of what defines a run; params should be resolved (defaults filled in).
+
+    `protocol` is the protocol's name and `fingerprint` the hash of its resolved contents
+    (benchmarks.core.protocol.fingerprint, overrides applied): an edited protocol file makes new runs, it
+    never finds the old records "complete" and reports them under the new settings.
+    """
+    key = json.dumps({"protocol": protocol, "fingerprint": fingerprint, "method": method, "params": params,
+                      "seed": seed, "overrides": overrides}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def params_label(params: dict) -> str:
+    """A run's parameters as one sorted "k=v, k=v" string ("-" for none), as tables and paper files write them."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "-"
+
+
+def runs_dir(out: str | Path) -> Path:
+    return Path(out) / "runs"
+
+
+def record_path(out: str | Path, rid: str) -> Path:
+    return runs_dir(out) / f"{rid}.json"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file 0600; a record is shared like any file the user writes (a team's
+        # results folder on a cluster filesystem), so it gets the mode the user's umask gives.
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+MIN_FREE_BYTES = 64 * 2**20  # below this, the first checkpoint would likely fail: say so before training
+
+
+def check_writable(out: str | Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """The results folder can take records and checkpoints: it exists or can be made, a file can be
+    written there, and the disk has room. One BenchError line otherwise, before any training."""
+    out = Path(out)
+    probe_dir = runs_dir(out)
+    existing = next((p for p in (probe_dir, *probe_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise BenchError(f"results folder '{out}': '{existing}' is a file, not a folder")
+    try:
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".write-test.")
+        try:
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise BenchError(f"results folder '{out}' is not writable ({exc.strerror or exc}); "
+                         "choose another with --out") from None
+    free = shutil.disk_usage(probe_dir).free
+    if free < min_free:
+        raise BenchError(f"results folder '{out}' has {free / 2**20:.0f} MiB free; runs need at least "
+                         f"{min_free / 2**20:.0f} MiB for records and checkpoints (free space or choose --out)")
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(record, indent=1, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def load_record(path: Path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: unreadable record ({exc})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: not a record (top level is not an object)")
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise RecordError(f"{path}: record lacks '{missing[0]}'")
+    if record["status"] not in STATUSES:
+        raise RecordError(f"{path}: unknown status {record['status']!r}")
+    return record
+
+
+def load_records(folder: str | Path) -> tuple[list[dict], list[str]]:
+    """All readable records under a folder (searched recursively), and one problem line per bad file."""
+    records, problems = [], []
+    for path in sorted(Path(folder).rglob("*.json")):
+        try:
+            record = load_record(path)
+        except RecordError as exc:
+            problems.append(str(exc))
+            continue
+        record["_path"] = str(path)
+        records.append(record)
+    return records, problems
+
+
+def is_complete(path: Path) -> bool:
+    """A complete record of the current schema (an older one is run again)."""
+    try:
+        record = load_record(path)
+    except RecordError:
+        return False
+    return record["status"] == "complete" and record["schema"] == SCHEMA
+
+
+def reference_of(record: dict) -> str:
+    """The method a record's "delta vs full" refers to: its protocol's reference (full by default)."""
+    return ((record.get("compute") or {}).get("reference") or (record.get("resolved_protocol") or {}).get("reference")
+            or "full")
+
+
+def current_records(records: list[dict], problems: list[str]) -> list[dict]:
+    """The records of the current schema; one problem line for each older one (they are not mixed)."""
+    kept = []
+    for record in records:
+        if record.get("schema") == SCHEMA:
+            kept.append(record)
+        else:
+            problems.append(f"{record.get('_path') or record.get('run_id')}: record schema {record.get('schema')!r} "
+                            f"(compute estimated, before measured FLOPs) is not mixed with schema {SCHEMA}; "
+                            "run it again (the sweep or `run` redoes it)")
+    return kept

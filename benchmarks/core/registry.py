@@ -1,0 +1,107 @@
+"""Method registry: `@register("name")` on a Method subclass, `create_method(name, **params)`.
+
+Every method declares its parameters (type, default, range) in one place, its `params` dict, so
+`list` can show them and bad values fail before any training starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.api import Method
+from benchmarks.errors import BenchError
+
+_METHODS: dict[str, type[Method]] = {}
+_PACKAGES_WITH_METHODS = ("baselines", "methods")
+
+
+@dataclass(frozen=True)
+class Param:
+    default: Any
+    help: str = ""
+    low: float | None = None  # inclusive bounds unless the *_open flag says otherwise
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def describe(self) -> str:
+        parts = [f"default {self.default!r}"]
+        if self.choices:
+            parts.append("one of " + "/".join(map(str, self.choices)))
+        if self.low is not None or self.high is not None:
+            lo = "(" if self.low_open else "["
+            hi = ")" if self.high_open else "]"
+            parts.append(f"in {lo}{self.low if self.low is not None else '-inf'}, "
+                         f"{self.high if self.high is not None else 'inf'}{hi}")
+        return ", ".join(parts)
+
+    def check(self, method: str, name: str, value: Any) -> Any:
+        kind = self.kind
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+            raise BenchError(f"method '{method}': parameter '{name}' must be {kind.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML reads nan and inf as floats
+            raise BenchError(f"method '{method}': parameter '{name}' must be a finite number, got {value!r} "
+                             f"({self.describe()})")
+        if self.choices and value not in self.choices:
+            raise BenchError(f"method '{method}': parameter '{name}' must be one of {self.choices}, got {value!r}")
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise BenchError(f"method '{method}': parameter '{name}'={value!r} is out of range ({self.describe()})")
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise BenchError(f"method '{method}': parameter '{name}'={value!r} is out of range ({self.describe()})")
+        return value
+
+
+def register(name: str):
+    def decorate(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method '{name}' registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_all() -> None:
+    for package in _PACKAGES_WITH_METHODS:
+        importlib.import_module(package)
+
+
+def list_methods() -> dict[str, type[Method]]:
+    _load_all()
+    return dict(sorted(_METHODS.items()))
+
+
+def method_class(name: str) -> type[Method]:
+    methods = list_methods()
+    if name not in methods:
+        raise BenchError(f"unknown method '{name}' (available: {', '.join(methods)})")
+    return methods[name]
+
+
+def resolve_params(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The full parameter set of a method: defaults overlaid with the given values, checked."""
+    cls = method_class(name)
+    unknown = sorted(set(given) - set(cls.params))
+    if unknown:
+        known = ", ".join(cls.params) or "none"
+        raise BenchError(f"method '{name}' has no parameter '{unknown[0]}' (its parameters: {known})")
+    resolved = {k: p.default for k, p in cls.params.items()}
+    for key, value in given.items():
+        resolved[key] = cls.params[key].check(name, key, value)
+    cls.check_params(resolved)
+    return resolved
+
+
+def create_method(name: str, **params: Any) -> Method:
+    return method_class(name)(**resolve_params(name, params))

@@ -1,0 +1,499 @@
+"""One run: protocol + method + seed -> trainer -> run record (JSON), resumable from checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.core import distributed
+from benchmarks.core.compute import ComputeMeter, compute_summary, count_flops, unmetered
+from benchmarks.core.distributed import Dist
+from benchmarks.core.protocol import Protocol, apply_overrides, fingerprint, load_protocol
+from benchmarks.core.record import (
+    SCHEMA,
+    atomic_write_bytes,
+    check_writable,
+    is_complete,
+    load_record,
+    record_path,
+    run_id,
+    write_record,
+)
+from benchmarks.core.registry import create_method, method_class, resolve_params
+from benchmarks.core.saved_models import model_path, save_model
+from benchmarks.core.train import Preempted, RunContext, Trainer
+from benchmarks.data import (
+    carve_holdout,
+    count_train_groups,
+    dataset_has_groups,
+    hide_train_groups,
+    load_data,
+    restrict_train,
+)
+from benchmarks.data.splits import unhidden_groups
+from benchmarks.errors import BenchError
+
+
+@dataclass
+class RunSpec:
+    """What defines a run; its id is a hash of exactly these fields (params with defaults filled in)."""
+
+    protocol: str
+    method: str
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)
+
+    def resolved(self) -> tuple[Protocol, dict]:
+        protocol = apply_overrides(load_protocol(self.protocol), self.overrides)
+        params = resolve_params(self.method, self.params)
+        check_fit(protocol, self.method)
+        return protocol, params
+
+    @property
+    def run_id(self) -> str:
+        protocol, params = self.resolved()
+        return spec_run_id(protocol, self, params)
+
+
+def spec_run_id(protocol: Protocol, spec: RunSpec, params: dict) -> str:
+    """The run id: the protocol by name AND by resolved contents, so an edited protocol file is a new run."""
+    return run_id(protocol.name, spec.method, params, spec.seed, spec.overrides, fingerprint(protocol))
+
+
+def check_fit(protocol: Protocol, method: str) -> None:
+    """The method and the protocol's reference suit the protocol's task, a method that reads training
+    group labels gets data that has them, and one that needs a held-out split gets one (BenchError
+    otherwise)."""
+    for name, role in ((method, "method"), (protocol.reference, "reference method")):
+        kind = method_class(name).kind
+        if kind != protocol.task:
+            raise BenchError(f"{role} '{name}' is {kind} and protocol '{protocol.name}' is {protocol.task}; "
+                             f"`python -m benchmarks list` shows which methods fit which protocols")
+        if method_class(name).reads_train_groups and not dataset_has_groups(protocol.dataset, protocol.data_kwargs):
+            raise BenchError(f"{role} '{name}' reads training group labels and protocol '{protocol.name}' "
+                             f"(dataset {protocol.dataset}) has none; use a protocol with groups "
+                             "(waterbirds, spurious-fashion)")
+        if method_class(name).needs_holdout and protocol.holdout == 0:
+            raise BenchError(f"{role} '{name}' needs a held-out split and protocol '{protocol.name}' has none; "
+                             f"set one, e.g. --set holdout=0.1 (a fraction) or holdout=5000 (a count)")
+
+
+def checkpoint_path(out: str | Path, rid: str) -> Path:
+    return Path(out) / "checkpoints" / f"{rid}.pt"
+
+
+def pick_device(requested: str | None, dist: Dist | None = None) -> torch.device:
+    """The device a run trains on: `auto` (CUDA when available) or one that exists here (BenchError);
+    data parallel, this rank's GPU when no index is given."""
+    device = _requested_device(requested)
+    if dist is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
+    return device
+
+
+def _requested_device(requested: str | None) -> torch.device:
+    if not requested or requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = "auto, cpu, cuda, cuda:N"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"--device '{requested}' is not a device (allowed: {allowed})") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise BenchError(f"--device '{requested}': only CPU and CUDA devices are supported (allowed: {allowed})")
+    if not torch.cuda.is_available():
+        raise BenchError(f"--device '{requested}': CUDA is not available on this machine (torch "
+                         f"{torch.__version__}, no GPU found); use --device cpu or auto")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise BenchError(f"--device '{requested}': this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def environment(device: torch.device) -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "host": socket.gethostname(), "git": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+def build_context(protocol: Protocol, seed: int, *, data_root: str | None = None, device: str | None = None,
+                  cache_dir: str | Path | None = None, results_dir: str | Path | None = None, log=print,
+                  progress: bool = False, method: str | None = None) -> RunContext:
+    """The data on its device, the seeded context and the meter of a run.
+
+    The training split's group labels are counted (for the adjusted average) and then hidden unless
+    `method` names a method that declares reads_train_groups (benchmarks/data/splits.py).
+    """
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    data = restrict_train(load_data(protocol.dataset, data_root, protocol.data_kwargs), protocol.train_subset)
+    data = carve_holdout(data, protocol.holdout_size(len(data.train)),
+                         RunContext(protocol, data, dev, ComputeMeter(), seed).generator("holdout"))
+    data = count_train_groups(data)
+    if method is None or not method_class(method).reads_train_groups:
+        data = hide_train_groups(data, method or "(none named)")
+    for name in ("train", "test", "val", "holdout"):
+        if getattr(data, name) is not None:
+            setattr(data, name, getattr(data, name).to(dev))
+    return RunContext(protocol=protocol, data=data, device=dev, meter=ComputeMeter(), seed=seed, log=log,
+                      progress=progress, cache_dir=Path(cache_dir) if cache_dir else None,
+                      results_dir=Path(results_dir) if results_dir else None)
+
+
+def reference_flops(ctx: RunContext) -> int:
+    """What the protocol's reference method costs on the full data: computed, not run.
+
+    Its training step (its own model and objective, as `build_model` and `objective` define them) is
+    measured with flop_counter on a throwaway model for a full batch and for the epoch's last partial
+    batch, and multiplied by the steps of the protocol's epochs over all N training examples. The
+    probe is bookkeeping, no method's work: it runs outside every counter and leaves the run's
+    random state as it was.
+    """
+    protocol = ctx.protocol
+    reference = create_method(protocol.reference)
+    reference.ctx = ctx
+    n, size = ctx.num_train, min(protocol.batch_size, ctx.num_train)
+    steps = {size: n // size}
+    if n % size:
+        steps[n % size] = 1
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    per_epoch = 0
+    with unmetered(), torch.random.fork_rng(devices=devices):
+        model = reference.build_model(ctx) or ctx.new_model("reference-probe")
+        trainer = Trainer(ctx, model.train(), reference, evaluate=False, tag="reference-probe")
+        for batch_size, count in steps.items():
+            batch = next(iter(trainer.batches(torch.arange(batch_size), batch_size, torch.Generator().manual_seed(0))))
+            flops, _ = count_flops(trainer.forward_backward, batch)
+            per_epoch += flops * count
+    return per_epoch * protocol.epochs
+
+
+def final_metrics(curve: list[dict], rule: str) -> dict:
+    """The reported metrics: the last evaluated epoch, or the protocol's validation-based rule.
+
+    "best-val-worst-group": the evaluated epoch with the highest validation worst-group accuracy
+    (the latest of equals). Every evaluation split is evaluated at every evaluated epoch, so the
+    reported test numbers are those of the checkpoint the rule selects, chosen without the test set.
+    """
+    evaluated = [row for row in curve if "test_acc" in row]
+    if not evaluated:
+        return {}
+    if rule == "best-val-worst-group":
+        key = "val_worst_group_acc"
+        if not all(key in row for row in evaluated):
+            raise BenchError(f"selection rule '{rule}' needs a validation split with groups")
+        chosen = max(evaluated, key=lambda row: (row[key], row["epoch"]))
+    else:
+        chosen = evaluated[-1]
+    metrics = {k: v for k, v in chosen.items() if k.endswith("_acc") or k == "train_loss"}
+    metrics["selected_epoch"] = chosen["epoch"]
+    return metrics
+
+
+def example_sets_by_group(method, ctx: RunContext) -> dict:
+    """method_stats entries: each of the method's example sets counted per training group.
+
+    Computed by the harness after training from the training split's group labels, which the method
+    itself never sees (a summary for the reader; nothing feeds back into the run).
+    """
+    groups = unhidden_groups(ctx.data.train)
+    if groups is None or not ctx.data.num_groups:
+        return {}
+    totals = torch.bincount(groups, minlength=ctx.data.num_groups)
+    stats = {}
+    for name, members in method.example_sets().items():
+        members = torch.as_tensor(members, dtype=torch.long).cpu().unique()
+        counts = torch.bincount(groups[members], minlength=ctx.data.num_groups)
+        stats[f"{name}_group_counts"] = counts.tolist()
+        stats[f"{name}_share_of_group"] = [round(c / t, 6) if t else None
+                                           for c, t in zip(counts.tolist(), totals.tolist())]
+    return stats
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class RunLogger:
+    """Receives a run's progress as it happens (W&B, for one). A logger that raises only warns:
+    the local record is the source of truth and is written whatever the loggers do."""
+
+    def start(self, info: dict) -> None:
+        pass
+
+    def log_epoch(self, entry: dict, full_flops: int) -> None:
+        pass
+
+    def finish(self, record: dict) -> None:
+        pass
+
+
+def _call_loggers(loggers: list[RunLogger], hook: str, *args, log=print) -> float:
+    """Call a hook on every logger; returns the seconds it took (kept out of the run's wall-clock)."""
+    started = time.perf_counter()
+    for logger in loggers:
+        try:
+            getattr(logger, hook)(*args)
+        except Exception as exc:  # noqa: BLE001 - a logging failure must never stop training
+            log(f"warning: {type(logger).__name__}.{hook} failed ({type(exc).__name__}: {exc}); "
+                "training goes on, the local record is still written")
+    return time.perf_counter() - started
+
+
+def _prepare_once(method, ctx: RunContext, dist: Dist) -> None:
+    """Data parallel: `prepare` on rank 0 alone; every rank then holds its result (what a checkpoint
+    holds). A failure on rank 0 (a stop request during a proxy included) reaches every rank, which
+    would otherwise wait in the broadcast until the collective timeout."""
+    failure = None
+    if dist.is_main:
+        try:
+            method.prepare(ctx)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            failure = exc
+    outcome = dist.broadcast((None, type(failure).__name__, str(failure)) if failure is not None
+                             else (_on_cpu(method.state_dict()) if dist.is_main else None, None, None))
+    state, error, message = outcome
+    if failure is not None:
+        raise failure
+    if error == Preempted.__name__:
+        raise Preempted(message)
+    if error is not None:
+        raise RuntimeError(f"prepare failed on rank 0: {error}: {message}")
+    if not dist.is_main:
+        method.load_state_dict(state)
+
+
+def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None = None,
+            device: str | None = None, progress: bool | None = None, force: bool = False,
+            log=print, loggers: list[RunLogger] = (), group: str | None = None, save: bool = False) -> dict:
+    """Run (or skip, if its complete record exists) one run and return its record.
+
+    Bad input raises BenchError before anything is written. Once training starts, any error ends
+    in a record with status "failed" and the error, then re-raises. `group` names the sweep.
+    `save` keeps the final model (as do the protocol's save_model and a method's class flag).
+    """
+    protocol, params = spec.resolved()
+    rid = spec_run_id(protocol, spec, params)
+    path = record_path(out, rid)
+    dev = pick_device(device)  # a device that does not exist is an error even where the run would be skipped
+    save = save or protocol.save_model or method_class(spec.method).save_model
+    if not force and is_complete(path) and not (save and not model_path(out, rid).exists()):
+        log(f"skip {rid}: a complete record exists at {path}")
+        return load_record(path)
+    dist = distributed.setup(dev.type)  # None for one process
+    dev = pick_device(device, dist)
+    main = dist is None or dist.is_main  # rank 0 alone writes records, checkpoints, models and W&B
+    if not main:
+        log, loggers = _quiet, ()
+    progress = (sys.stderr.isatty() and main) if progress is None else progress
+    started = time.perf_counter()  # wall-clock includes loading the data
+    # What the run needs is checked before anything is written: the data (missing or damaged files are
+    # bad input, not a failed run) and a results folder that can take records and checkpoints.
+    ctx = build_context(protocol, spec.seed, data_root=data_root, device=str(dev), cache_dir=Path(out) / "cache",
+                        results_dir=out, log=log, progress=progress, method=spec.method)
+    check_writable(out)
+    base = {"schema": SCHEMA, "run_id": rid, "protocol": protocol.name, "method": spec.method,
+            "params": params, "seed": spec.seed, "overrides": spec.overrides, "budget": protocol.budget,
+            "group": group, "selection_rule": protocol.selection_rule,
+            "reads_train_groups": method_class(spec.method).reads_train_groups,
+            "protocol_fingerprint": fingerprint(protocol), "resolved_protocol": protocol.as_dict(),
+            "env": environment(dev),
+            "distributed": {"world_size": dist.world_size if dist else 1, "backend": dist.backend if dist else None,
+                            "sync_batchnorm": bool(dist and protocol.sync_batchnorm)}}
+    earlier_seconds = 0.0  # wall-clock of the attempts before a resume (preempted, killed)
+    logging_seconds = 0.0  # W&B's own time is not the method's
+    ckpt_path = checkpoint_path(out, rid)
+    save_checkpoint = _save_checkpoint if main else _no_checkpoint
+    trainer = None
+
+    def wall_clock() -> float:
+        return earlier_seconds + time.perf_counter() - started - logging_seconds
+
+    try:
+        method = create_method(spec.method, **params)
+        method.ctx = ctx
+        full_flops = reference_flops(ctx)
+        trainer = Trainer(ctx, method.build_model(ctx) or ctx.new_model("main"), method, purpose="train",
+                          evaluate=True, dist=dist)
+        resumed = _resume(ckpt_path, ctx, trainer, log)
+        if resumed:
+            earlier_seconds = resumed["elapsed_s"]
+        else:
+            prepare_started = time.perf_counter()
+            if dist is None:
+                method.prepare(ctx)
+            else:
+                _prepare_once(method, ctx, dist)
+            ctx.meter.sync(dist)
+            trainer.state.seconds += time.perf_counter() - prepare_started
+            save_checkpoint(ckpt_path, _checkpoint(ctx, trainer, wall_clock()))
+        log(f"run {rid}: {protocol.name} / {spec.method} {params} seed {spec.seed} on {dev}"
+            + (f" (resumed at epoch {trainer.state.epoch})" if resumed else ""))
+
+        n_train = ctx.num_train
+        base.update(n_train=n_train, holdout=_holdout_info(ctx))
+        logging_seconds += _call_loggers(loggers, "start", dict(base, n_train=n_train, fresh=force,
+                                                                resumed_at_epoch=trainer.state.epoch), log=log)
+
+        def end_of_epoch(t: Trainer) -> None:
+            save_checkpoint(ckpt_path, _checkpoint(ctx, t, wall_clock()))
+            nonlocal logging_seconds
+            logging_seconds += _call_loggers(loggers, "log_epoch", t.state.curve[-1], full_flops, log=log)
+
+        trainer.fit(on_epoch_end=end_of_epoch)
+        if dist is not None:  # every rank should have made the same decisions: say whether they did
+            digests = dist.gather_objects(_digest(method.state_dict()))
+            base["distributed"].update(method_state_sha256=digests, ranks_agree=len(set(digests)) == 1)
+        wall = wall_clock()
+        record = dict(base, status="complete",
+                      metrics=final_metrics(trainer.state.curve, protocol.selection_rule),
+                      compute=compute_summary(ctx.meter, full_flops, protocol.reference),
+                      wall_clock_s=round(wall, 3), train_seconds=round(trainer.state.seconds, 3),
+                      cached_seconds=round(ctx.cached_seconds, 3),
+                      charged_seconds=round(wall + ctx.cached_seconds, 3), curve=trainer.state.curve,
+                      method_stats={**method.summary(), **example_sets_by_group(method, ctx)}, error=None)
+        if save:
+            saved = model_path(out, rid)
+            if main:
+                save_model(saved, trainer.model, method.backbone(trainer.model),
+                           {k: record[k] for k in ("run_id", "protocol", "method", "params", "seed", "overrides",
+                                                   "resolved_protocol", "metrics")})
+            record["model_path"] = str(saved)
+        if main:
+            write_record(path, record)
+            ckpt_path.unlink(missing_ok=True)
+            log(f"wrote record {path} ({record['status']})")
+        _call_loggers(loggers, "finish", record, log=log)
+        return record
+    except Preempted as stop:
+        stop.progress = ctx.meter.total  # FLOPs spent so far: a requeue that adds none made no progress
+        # Not a failure: save where training stopped (mid-epoch included) and let the caller requeue.
+        # Stopped inside `prepare`, there is nothing consistent to save: prepare starts over.
+        if ckpt_path.exists():
+            save_checkpoint(ckpt_path, _checkpoint(ctx, trainer, wall_clock()))
+            log(f"preempted: {rid} checkpointed at epoch {trainer.state.epoch}"
+                + (f", step {trainer.partial.steps_done} of the next" if trainer.partial else "")
+                + f" ({ckpt_path})")
+        else:
+            log(f"preempted in prepare: {rid} will redo prepare from its cached artefacts and partial proxies")
+        raise
+    except Exception as exc:
+        record = dict(base, status="failed", metrics={}, compute=None, wall_clock_s=round(wall_clock(), 3),
+                      curve=trainer.state.curve if trainer else [],
+                      error=f"{type(exc).__name__}: {exc}",
+                      traceback=None if isinstance(exc, BenchError) else traceback.format_exc())
+        if main:
+            write_record(path, record)
+        _call_loggers(loggers, "finish", record, log=log)
+        raise
+
+
+def write_failed_record(spec: RunSpec, out: str | Path, error: str, *, group: str | None = None) -> dict:
+    """A failed record for a run stopped from outside its training (a refused requeue, data the task could
+    not load): status "failed" with the reason. Its checkpoint is kept, so running it again resumes."""
+    protocol, params = spec.resolved()
+    rid = spec_run_id(protocol, spec, params)
+    record = {"schema": SCHEMA, "run_id": rid, "protocol": protocol.name, "method": spec.method, "params": params,
+              "seed": spec.seed, "overrides": spec.overrides, "budget": protocol.budget, "group": group,
+              "protocol_fingerprint": fingerprint(protocol), "resolved_protocol": protocol.as_dict(),
+              "status": "failed", "metrics": {}, "compute": None, "curve": [], "error": error, "traceback": None}
+    write_record(record_path(out, rid), record)
+    return record
+
+
+def _resume(ckpt_path: Path, ctx: RunContext, trainer: Trainer, log) -> dict | None:
+    """The checkpoint's bookkeeping (elapsed wall-clock) after loading it into ctx and trainer; None if none."""
+    if not ckpt_path.exists():
+        return None
+    try:
+        payload = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint means starting over, said out loud
+        log(f"warning: checkpoint {ckpt_path} unreadable ({exc}); starting from scratch")
+        return None
+    ctx.meter = ComputeMeter.from_state(payload["meter"])
+    ctx.cached_seconds = payload.get("cached_seconds", 0.0)
+    trainer.load_state_dict(payload["trainer"])
+    return {"elapsed_s": payload.get("elapsed_s", 0.0)}
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def _no_checkpoint(path: Path, payload: dict) -> None:
+    """A rank other than 0 writes nothing."""
+
+
+def _on_cpu(value):
+    """A state (nested dicts, lists, tensors) with its tensors on the CPU, to send to other ranks."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+def _digest(value) -> str:
+    """A fingerprint of a method state (tensor contents and plain values), to compare ranks."""
+    digest = hashlib.sha256()
+
+    def feed(item) -> None:
+        if isinstance(item, torch.Tensor):
+            digest.update(item.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(item, dict):
+            for key in sorted(item, key=repr):
+                digest.update(repr(key).encode())
+                feed(item[key])
+        elif isinstance(item, (list, tuple)):
+            for element in item:
+                feed(element)
+        else:
+            digest.update(repr(item).encode())
+
+    feed(value)
+    return digest.hexdigest()[:16]
+
+
+def _checkpoint(ctx: RunContext, trainer: Trainer, elapsed_s: float) -> dict:
+    """What a resume needs; elapsed_s keeps the wall-clock of every attempt in the record, not the last one's."""
+    return {"meter": ctx.meter.state_dict(), "cached_seconds": ctx.cached_seconds, "trainer": trainer.state_dict(),
+            "elapsed_s": elapsed_s}
+
+
+def _holdout_info(ctx: RunContext) -> dict | None:
+    """The held-out split's size and a fingerprint of its examples (their full-split indices)."""
+    origin = ctx.data.holdout_origin
+    if origin is None:
+        return None
+    digest = hashlib.sha256(origin.numpy().astype("int64").tobytes()).hexdigest()[:16]
+    return {"size": len(origin), "indices_sha256": digest}
+

@@ -1,0 +1,1 @@
+"""Reports built from run records: tables, plots, the papers' numbers beside ours, claims."""

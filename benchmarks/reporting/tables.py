@@ -1,0 +1,499 @@
+"""Run records -> pandas -> one table per protocol, in Markdown and in LaTeX (booktabs).
+
+Numbers come only from records: mean +- std over seeds (sample std) with n, the difference to the
+full-data mean, the compute fraction (train + selection over the computed full-data cost), the
+share of that compute spent choosing data, wall-clock, and the compute (and, where the curves record
+them, the optimiser steps) needed to reach a target accuracy (the full-data mean minus a tolerance),
+read off each run's curve.
+
+A table is built per section: one protocol with one set of overrides. Rows sort by compute saved,
+most first; the full-data row is among them. A row's setting names only the parameters a reader
+needs: the method's headline parameter (Method.headline_params) and those that differ from its
+defaults or between its rows (each record keeps the full set). Where methods keep a fixed `fraction` of the data at two or more fractions, a second
+table puts them side by side: one row per method, one column per fraction kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.core.record import current_records, load_records, params_label, reference_of
+from benchmarks.errors import BenchError
+
+RULE_MEANING = {"best-val-worst-group": "the evaluated epoch with the highest validation worst-group accuracy; "
+                                        "every test number is that epoch's"}
+FULL_METHOD = "full"  # the reference of supervised protocols; a record names its own (compute.reference)
+DEFAULT_TOLERANCE = 0.01  # target = full-data mean test accuracy - 1 pp
+_EPS = 1e-9  # accuracies are ratios of counts; this only absorbs float rounding in "mean - tolerance"
+
+RUN_COLUMNS = ["protocol", "overrides", "budget", "selection_rule", "reference", "method", "setting", "seed",
+               "test_acc",
+               "worst_group_acc", "adjusted_avg_acc", "oracle", "fraction", "selection_share", "full_flops",
+               "wall_clock_s", "cached_s", "scores_cached", "curve", "run_id", "path", "params", "fingerprint"]
+
+
+def overrides_label(overrides_json: str) -> str:
+    overrides = json.loads(overrides_json)
+    return " ".join(f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}"
+                    for k, v in sorted(overrides.items()))
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _run_row(r: dict) -> dict:
+    compute = r.get("compute") or {}
+    metrics = r.get("metrics") or {}
+    resolved = r.get("resolved_protocol") or {}
+    stats = r.get("method_stats") or {}
+    curve = r.get("curve") or []
+    if not isinstance(curve, list) or not all(isinstance(row, dict) for row in curve):
+        raise TypeError("'curve' is not a list of rows")
+    return {
+        "protocol": str(r["protocol"]), "overrides": json.dumps(r.get("overrides") or {}, sort_keys=True),
+        "budget": r.get("budget") or resolved.get("budget") or "unknown",
+        "selection_rule": resolved.get("selection_rule") or "last-epoch",
+        "reference": reference_of(r),
+        "method": str(r["method"]), "setting": params_label(r["params"]), "seed": r["seed"],
+        "test_acc": _number(metrics.get("test_acc")),
+        "worst_group_acc": _number(metrics.get("test_worst_group_acc")),
+        "adjusted_avg_acc": _number(metrics.get("test_adjusted_avg_acc")),
+        "oracle": bool(r.get("reads_train_groups")),  # read training group labels (Group DRO): a reference
+        "fraction": _number(compute.get("fraction")), "selection_share": _number(compute.get("selection_share")),
+        "full_flops": _number(compute.get("full_flops")),
+        # Charged seconds, as FLOPs are charged: the run's own wall-clock plus what the cached work it
+        # reused (proxies, scores) took when it was computed; cached_s is that reused part.
+        "wall_clock_s": _number(r.get("wall_clock_s")) + _number(r.get("cached_seconds") or 0.0),
+        "cached_s": _number(r.get("cached_seconds") or 0.0),
+        "scores_cached": bool(stats.get("scores_cached")) if isinstance(stats, dict) else False,
+        "curve": curve, "run_id": str(r["run_id"]), "path": r.get("_path") or r["run_id"],
+        "params": dict(r["params"]),
+        "fingerprint": str(r.get("protocol_fingerprint") or ""),
+    }
+
+
+def records_frame(records: list[dict], problems: list[str] | None = None) -> pd.DataFrame:
+    """One row per complete record. A record whose fields are malformed is skipped with a problem line;
+    a second record of the same run id (a copied folder) is skipped too."""
+    rows, seen = [], {}
+    for r in current_records(records, problems if problems is not None else []):
+        if r.get("status") != "complete":
+            continue
+        try:
+            row = _run_row(r)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if problems is not None:
+                problems.append(f"{r.get('_path') or r.get('run_id', '?')}: malformed record "
+                                f"({type(exc).__name__}: {exc})")
+            continue
+        if row["run_id"] in seen:
+            if problems is not None:
+                problems.append(f"{row['path']}: duplicate of run {row['run_id']} (also at {seen[row['run_id']]}); "
+                                "ignored")
+            continue
+        seen[row["run_id"]] = row["path"]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def compute_to_target(curve: list[dict], target: float | None, full_flops: float) -> float:
+    """Compute fraction at the first evaluated epoch whose test accuracy reaches the target; NaN if none."""
+    if target is None or math.isnan(target) or not full_flops or math.isnan(full_flops):
+        return float("nan")
+    for row in curve:
+        acc = row.get("test_acc")
+        if acc is not None and acc >= target - _EPS:
+            return row["flops"] / full_flops
+    return float("nan")
+
+
+def steps_to_target(curve: list[dict], target: float | None) -> float:
+    """Optimiser steps at the first evaluated epoch whose test accuracy reaches the target; NaN if none."""
+    if target is None or math.isnan(target):
+        return float("nan")
+    for row in curve:
+        acc = row.get("test_acc")
+        if acc is not None and acc >= target - _EPS and "step" in row:
+            return float(row["step"])
+    return float("nan")
+
+
+def has_steps(runs: pd.DataFrame) -> bool:
+    """Whether the runs' curves record optimiser steps (every record written by the trainer does)."""
+    return any("step" in row for curve in runs["curve"] for row in curve)
+
+
+@dataclass
+class Section:
+    """One table: the runs of one protocol under one set of overrides, summarised over seeds."""
+
+    protocol: str
+    overrides: str  # JSON, sorted keys
+    budget: str
+    runs: pd.DataFrame  # one row per run, with its time to target
+    summary: pd.DataFrame  # one row per (method, setting), sorted by compute saved
+    full_mean: float  # the reference method's mean; NaN without a reference run
+    target: float | None
+    tolerance: float
+    selection_rules: list[str]
+    reference: str = FULL_METHOD  # the method at full budget that "Δ vs full" and the target refer to
+    # Set when records of this protocol name come from protocol files of different contents (an edited
+    # file): the fingerprint's start tells the versions apart, so none is reported under another's name.
+    variant: str = ""
+
+    @property
+    def title(self) -> str:
+        name = self.protocol + (f" [protocol version {self.variant}]" if self.variant else "")
+        return name if self.overrides == "{}" else f"{name}, {overrides_label(self.overrides)}"
+
+    @property
+    def slug(self) -> str:
+        name = self.protocol + (f"_v{self.variant}" if self.variant else "")
+        if self.overrides == "{}":
+            return name
+        extra = "_".join(f"{k}-{v}" for k, v in sorted(json.loads(self.overrides).items()))
+        return re.sub(r"[^A-Za-z0-9._=-]+", "", f"{name}_{extra}")[:120]
+
+    @property
+    def has_cached(self) -> bool:
+        return bool((self.summary["cached_s"] > 0).any())
+
+    @property
+    def has_groups(self) -> bool:
+        return bool(self.summary["wg_mean"].notna().any())
+
+    @property
+    def has_adjusted(self) -> bool:
+        return bool(self.summary["adj_mean"].notna().any())
+
+    @property
+    def has_oracle(self) -> bool:
+        return bool(self.summary["oracle"].any())
+
+    @property
+    def has_steps(self) -> bool:
+        return has_steps(self.runs)
+
+    @property
+    def scores_cached(self) -> bool:
+        return bool(self.runs["scores_cached"].any())
+
+    def notes(self) -> list[str]:
+        budget = {"epochs": "epochs (a subset gets fewer steps)",
+                  "iterations": "iterations (a subset keeps the full-data number of steps)"}.get(self.budget,
+                                                                                              self.budget)
+        rules = [r for r in self.selection_rules if r != "last-epoch"]
+        reported = ("the last epoch (no model selection on the test set)" if not rules else
+                    "the epoch chosen on validation by the protocol's rule " + ", ".join(f"'{r}'" for r in rules)
+                    + "".join(f" ({RULE_MEANING[r]})" for r in rules if r in RULE_MEANING))
+        notes = [f"Budget: {budget}.", f"Reported: {reported}.",
+                 "Compute fraction = (train + selection FLOPs) / FLOPs of the full-data run (computed, not run); "
+                 "evaluation passes excluded. Selection share = the part of it spent choosing data. "
+                 "Rows sorted by compute saved, most first.",
+                 "Setting = the method's headline parameter and those that differ from its defaults or between its rows "
+                 "(each run record holds them all)."]
+        if self.reference != FULL_METHOD:
+            notes.append(f"Full data = the protocol's reference method, {self.reference}, at its default parameters "
+                         "(full budget): its runs give the full-data mean, its cost the compute fraction's denominator. "
+                         "Evaluation (e.g. a linear probe) is metered apart: eval_flops in each record.")
+        if self.target is None:
+            notes.append("No full-data run: no target accuracy, so no compute to target.")
+        else:
+            notes.append(f"Compute to target = compute fraction at the first evaluated epoch with test acc "
+                         f">= {100 * self.target:.2f}% (full-data mean {100 * self.full_mean:.2f}% - "
+                         f"{100 * self.tolerance:.2f} pp), mean over the seeds that reach it; "
+                         "reached = seeds reaching it / seeds.")
+            if self.has_steps:
+                notes.append("Steps to target = optimiser steps taken by that epoch, mean over the same seeds.")
+        if self.has_groups:
+            notes.append("Groups: test acc = the plain average over test examples; "
+                         + ("adjusted avg = per-group test accuracies weighted by the TRAINING group proportions "
+                            "(what the papers call average accuracy on Waterbirds); " if self.has_adjusted else "")
+                         + "worst-group = the lowest group's test accuracy.")
+        if self.has_oracle:
+            notes.append("(oracle) = the method reads training group labels (Group DRO): a reference for what "
+                         "group labels buy, not a competitor; every other method never sees them.")
+        if self.has_cached:
+            notes.append("Wall-clock s = seconds per run (data loading and evaluation included) plus the seconds "
+                         "that cached work it reused (proxy training, scores) took when it was computed, charged "
+                         "as its FLOPs are; cached s = that reused part.")
+        if self.scores_cached:
+            notes.append("Some runs reused cached scores: their scoring cost is still charged to each run "
+                         "as selection compute.")
+        return notes
+
+
+def _method_defaults(method: str) -> tuple[dict, tuple[str, ...]] | None:
+    """A method's registered defaults and headline parameters; None for a method this checkout lacks."""
+    from benchmarks.core.registry import (
+        method_class,  # the registry imports torch; only tables of known methods need it
+    )
+
+    try:
+        cls = method_class(method)
+    except BenchError:
+        return None
+    return {name: param.default for name, param in cls.params.items()}, cls.headline_params
+
+
+def reference_rows(runs: pd.DataFrame, reference: str) -> pd.Series:
+    """The runs of the reference method at its default parameters: full BYOL is the reference of the
+    self-supervised protocols, its budgeted rows are not (a method this checkout lacks: all its rows)."""
+    known = _method_defaults(reference)
+    return (runs["method"] == reference) & runs["params"].map(lambda p: known is None or p == known[0])
+
+
+def shown_params(runs: pd.DataFrame) -> dict[tuple[str, str], dict]:
+    """Per (method, setting): the method's headline parameters (such as `fraction`) and those that
+    differ from its defaults or between its rows.
+
+    Every default spelled out buries what a row is about (ten parameters for one fraction); a method
+    unknown to this checkout shows everything, since its defaults cannot be told.
+    """
+    shown = {}
+    for method, group in runs.groupby("method", sort=False):
+        settings = dict(zip(group["setting"], group["params"]))
+        known = _method_defaults(method)
+        defaults, headline = known if known is not None else ({}, ())
+        keys = sorted({k for params in settings.values() for k in params})
+        always = set(headline) | {k for k in keys if len({repr(params.get(k)) for params in settings.values()}) > 1}
+        for setting, params in settings.items():
+            shown[(method, setting)] = {k: v for k, v in sorted(params.items())
+                                        if known is None or k in always or k not in defaults or defaults[k] != v}
+    return shown
+
+
+def setting_label(method_params: dict, shown: dict) -> str:
+    if not method_params:
+        return "-"
+    return params_label(shown) if shown else "defaults"
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, setting): mean/std (ddof=1)/n over seeds, sorted by compute saved, most first."""
+    summary = runs.groupby(["method", "setting"], sort=False).agg(
+        params=("params", "first"), label=("label", "first"), shown=("shown", "first"),
+        n=("seed", "count"), acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
+        wg_mean=("worst_group_acc", "mean"), wg_std=("worst_group_acc", "std"),
+        adj_mean=("adjusted_avg_acc", "mean"), adj_std=("adjusted_avg_acc", "std"), oracle=("oracle", "any"),
+        fraction=("fraction", "mean"), selection_share=("selection_share", "mean"),
+        wall_clock_s=("wall_clock_s", "mean"), cached_s=("cached_s", "mean"), to_target=("to_target", "mean"),
+        steps_to_target=("steps_to_target", "mean"), reached=("to_target", "count")).reset_index()
+    return summary.sort_values(["fraction", "method", "setting"], na_position="last").reset_index(drop=True)
+
+
+def build_sections(records: list[dict], problems: list[str] | None = None,
+                   tolerance: float = DEFAULT_TOLERANCE) -> list[Section]:
+    frame = records_frame(records, problems)
+    versions = frame.groupby(["protocol", "overrides"])["fingerprint"].nunique()
+    sections = []
+    for (protocol, overrides, budget, version), runs in frame.groupby(["protocol", "overrides", "budget", "fingerprint"],
+                                                                      sort=True):
+        reference = runs["reference"].iloc[0]
+        full = runs.loc[reference_rows(runs, reference), "test_acc"].dropna()
+        full_mean = float(full.mean()) if len(full) else float("nan")
+        target = full_mean - tolerance if len(full) else None
+        runs = runs.assign(to_target=[compute_to_target(c, target, f) for c, f in zip(runs["curve"], runs["full_flops"])],
+                           steps_to_target=[steps_to_target(c, target) for c in runs["curve"]])
+        shown = shown_params(runs)
+        runs = runs.assign(shown=[shown[(m, s)] for m, s in zip(runs["method"], runs["setting"])])
+        runs = runs.assign(label=[setting_label(p, sh) for p, sh in zip(runs["params"], runs["shown"])])
+        summary = summarise(runs)
+        summary["delta_vs_full"] = summary["acc_mean"] - full_mean
+        sections.append(Section(protocol, overrides, budget, runs, summary, full_mean, target, tolerance,
+                                sorted(runs["selection_rule"].unique()), reference,
+                                variant=version[:8] if versions[(protocol, overrides)] > 1 else ""))
+    return sections
+
+
+# ----- rendering -----
+
+def _pct(value: float, digits: int = 2) -> str:
+    return "" if pd.isna(value) else f"{100 * value:.{digits}f}"
+
+
+def _mean_std(mean: float, std: float, plus_minus: str = "±") -> str:
+    if pd.isna(mean):
+        return ""
+    return _pct(mean) + ("" if pd.isna(std) else f" {plus_minus} {100 * std:.2f}")
+
+
+def _cells(section: Section, row, plus_minus: str = "±") -> list[str]:
+    method = f"{row.method} (oracle)" if row.oracle else row.method
+    cells = [method, row.label, str(row.n), _mean_std(row.acc_mean, row.acc_std, plus_minus)]
+    if section.has_adjusted:
+        cells.append(_mean_std(row.adj_mean, row.adj_std, plus_minus))
+    if section.has_groups:
+        cells.append(_mean_std(row.wg_mean, row.wg_std, plus_minus))
+    cells += ["" if pd.isna(row.delta_vs_full) else f"{100 * row.delta_vs_full:+.2f}",
+              "" if pd.isna(row.fraction) else f"{row.fraction:.3f}",
+              _pct(row.selection_share, 1),
+              "" if pd.isna(row.wall_clock_s) else f"{row.wall_clock_s:.1f}",
+              *([f"{row.cached_s:.1f}"] if section.has_cached else []),
+              "" if pd.isna(row.to_target) else f"{row.to_target:.3f}"]
+    if section.has_steps:
+        cells.append("" if pd.isna(row.steps_to_target) else f"{row.steps_to_target:.0f}")
+    cells.append("" if section.target is None else f"{row.reached}/{row.n}")
+    return cells
+
+
+def _headers(section: Section) -> list[str]:
+    headers = ["method", "setting", "n", "test acc % (mean ± std)"]
+    if section.has_adjusted:
+        headers.append("adjusted avg acc % (mean ± std)")
+    if section.has_groups:
+        headers.append("worst-group acc % (mean ± std)")
+    return headers + ["Δ vs full (pp)", "compute fraction", "selection share %", "wall-clock s",
+                      *(["cached s"] if section.has_cached else []), "compute to target"] \
+        + (["steps to target"] if section.has_steps else []) + ["reached"]
+
+
+FRACTION_PARAM = "fraction"
+
+
+def fraction_rows(section: Section) -> dict[str, dict[float, object]] | None:
+    """Methods that keep a fixed `fraction` of the data: row name -> {fraction kept: summary row}.
+
+    A row is a method with its other shown parameters; uniform rows come first, as the reference.
+    None unless some row has two or more fractions.
+    """
+    grid: dict[tuple[bool, str], dict[float, object]] = {}
+    for row in section.summary.itertuples():
+        if row.method == section.reference or not isinstance(row.params.get(FRACTION_PARAM), float):
+            continue
+        others = params_label({k: v for k, v in row.shown.items() if k != FRACTION_PARAM})
+        name = row.method if others == "-" else f"{row.method} ({others})"
+        grid.setdefault((row.method != "uniform", name), {})[row.params[FRACTION_PARAM]] = row
+    if not any(len(cells) >= 2 for cells in grid.values()):
+        return None
+    return {name: cells for (_, name), cells in sorted(grid.items())}
+
+
+def fraction_grid(section: Section) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """fraction_rows as a table: (headers, rows, notes), one column per fraction kept, largest first."""
+    grid = fraction_rows(section)
+    if grid is None:
+        return None
+    fractions = sorted({f for cells in grid.values() for f in cells}, reverse=True)
+    usual_n = max(row.n for cells in grid.values() for row in cells.values())
+
+    def cell(row) -> str:
+        if row is None:
+            return ""
+        text = f"{_mean_std(row.acc_mean, row.acc_std)} [{row.fraction:.2f}]"
+        return text if row.n == usual_n else f"{text} n={row.n}"
+
+    headers = ["method"] + [f"kept {f:g}" for f in fractions]
+    rows = [[name] + [cell(cells.get(f)) for f in fractions] for name, cells in grid.items()]
+    notes = [f"Cells: test acc % (mean ± std over {usual_n} seeds unless n says otherwise) "
+             "[compute fraction, scoring and proxy training included]; kept = fraction of the training set."]
+    if section.target is not None:
+        full = section.summary[section.summary["method"] == section.reference].iloc[0]
+        notes.append(f"Full data: {_mean_std(full.acc_mean, full.acc_std)} (n={full.n}) [1.00].")
+    return headers, rows, notes
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]], text_columns: int) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "|".join(["---"] * text_columns + ["---:"] * (len(headers) - text_columns)) + "|"
+    return [line(headers), rule] + [line(cells) for cells in rows]
+
+
+def markdown_section(section: Section) -> str:
+    rows = [_cells(section, row) for row in section.summary.itertuples()]
+    lines = [f"### {section.title}", "", *_markdown_table(_headers(section), rows, 2), ""]
+    lines += [f"- {note}" for note in section.notes()]
+    grid = fraction_grid(section)
+    if grid is not None:
+        headers, rows, notes = grid
+        lines += ["", f"#### {section.title}: by fraction kept", "", *_markdown_table(headers, rows, 1), ""]
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "Δ": r"$\Delta$", "≥": r"$\geq$", "<": r"$<$", ">": r"$>$"}
+
+
+def latex_escape(text: str) -> str:
+    """Plain text -> LaTeX text mode; adjacent math pieces merge into one."""
+    text = str(text).replace(">=", "≥")
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text).replace("$$", "")
+
+
+def _latex_table(caption: str, label: str, headers: list[str], rows: list[list[str]], notes: list[str],
+                 text_columns: int) -> str:
+    return "\n".join([
+        r"\begin{table}[ht]", r"\centering", r"\small",
+        rf"\caption{{{caption}}}",
+        rf"\label{{tab:{label}}}",
+        r"\begin{tabular}{" + "l" * text_columns + "r" * (len(headers) - text_columns) + "}",
+        r"\toprule",
+        " & ".join(latex_escape(h) for h in headers) + r" \\",
+        r"\midrule",
+        *(" & ".join(latex_escape(c) for c in cells) + r" \\" for cells in rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\par\smallskip",
+        rf"\parbox{{\linewidth}}{{\footnotesize {' '.join(latex_escape(n) for n in notes)}}}",
+        r"\end{table}",
+    ]) + "\n"
+
+
+def latex_section(section: Section) -> str:
+    label = re.sub(r"[^A-Za-z0-9-]+", "-", section.slug)
+    title = latex_escape(section.title)
+    text = _latex_table(rf"{title}: test accuracy (mean $\pm$ std over seeds) and compute.", label,
+                        _headers(section), [_cells(section, row) for row in section.summary.itertuples()],
+                        section.notes(), 2)
+    grid = fraction_grid(section)
+    if grid is not None:
+        headers, rows, notes = grid
+        text += "\n" + _latex_table(rf"{title}: test accuracy by fraction of the data kept.", f"{label}-by-fraction",
+                                    headers, rows, notes, 1)
+    return text
+
+
+def _per_protocol(sections: list[Section], render, separator: str) -> dict[str, str]:
+    texts: dict[str, list[str]] = {}
+    for section in sections:
+        texts.setdefault(section.protocol, []).append(render(section))
+    return {protocol: separator.join(parts) for protocol, parts in texts.items()}
+
+
+def markdown_tables(sections: list[Section]) -> dict[str, str]:
+    return _per_protocol(sections, markdown_section, "\n")
+
+
+def latex_tables(sections: list[Section]) -> dict[str, str]:
+    header = "% Generated by `python -m benchmarks tables` from the run records; needs \\usepackage{booktabs}.\n"
+    return {p: header + text for p, text in _per_protocol(sections, latex_section, "\n").items()}
+
+
+def build_tables(runs_folder: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> tuple[dict[str, str], list[str]]:
+    """Markdown text per protocol (a section per set of overrides), plus one line per unreadable record."""
+    records, problems = load_records(runs_folder)
+    return markdown_tables(build_sections(records, problems, tolerance)), problems
+
+
+def write_tables(sections: list[Section], out: str | Path) -> list[Path]:
+    """<protocol>.md and <protocol>.tex per protocol."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix, texts in ((".md", markdown_tables(sections)), (".tex", latex_tables(sections))):
+        for protocol, text in texts.items():
+            path = out / f"{protocol}{suffix}"
+            path.write_text(text)
+            written.append(path)
+    return written

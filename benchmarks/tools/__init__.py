@@ -1,0 +1,1 @@
+"""Developer tools: speed ratios (perf), the RELA toy study, score export."""
