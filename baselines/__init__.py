@@ -1,3 +1,10 @@
-"""Baselines every method is compared against; importing the package registers them."""
+"""Baselines every method is compared against; importing the package registers them.
 
-from . import byol, coreset, full, group_dro, online, uniform  # noqa: F401
+Every module of the package is imported (no hand-kept list), as in methods/.
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.walk_packages(__path__, __name__ + "."):
+    importlib.import_module(_module.name)

@@ -12,7 +12,7 @@ feat -> 2 feat -> 256, predictor 256 -> 2 feat -> 256) in its docstring.
 Use: `python -m benchmarks run --protocol ssl-fashion --method byol --param budget=0.2`.
 """
 
-from benchmarks.core.registry import register
+from benchmarks.api import register
 from benchmarks.kit.ssl import BYOLMethod
 
 

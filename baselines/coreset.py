@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.core.protocol import Protocol
-from benchmarks.core.registry import Param, register
-from benchmarks.core.train import RunContext
+from benchmarks.api import Param, Protocol, RunContext, register
 from benchmarks.kit.proxies import embedding_pass, train_proxy
 from benchmarks.kit.scoring import early_epoch, resolve_score_epoch
 from benchmarks.kit.subsets import FRACTION, StaticSubset, class_quotas, subset_size

@@ -1,7 +1,6 @@
 """The full-data baseline: every training example, every epoch (the hooks' defaults)."""
 
-from benchmarks.api import Method
-from benchmarks.core.registry import register
+from benchmarks.api import Method, register
 
 
 @register("full")

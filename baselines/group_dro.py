@@ -1,6 +1,6 @@
 """Group DRO (Sagawa, Koh, Hashimoto, Liang, ICLR 2020): minimise the worst group's expected loss.
 
-An ORACLE reference: it reads the TRAINING group labels (`reads_train_groups = True`), which JTT
+An ORACLE reference: it reads the TRAINING group labels (`Traits(reads_train_groups=True)`), which JTT
 and ERM never see; `list` and the tables mark it so. It needs data with groups (Waterbirds,
 spurious-fashion).
 
@@ -18,7 +18,8 @@ Decisions:
 - The weight update is a pure function (`update_group_weights`), tested against a hand computation.
 - Strong L2 and early stopping are what made Group DRO work in the paper: they come from the
   protocol (weight decay; checkpoint selection on validation worst-group accuracy), as for JTT.
-- q is part of the checkpoint, so a resumed run continues the same weights.
+- q is part of the checkpoint, so a resumed run continues the same weights (`setup` puts it on the device
+  and rebuilds the adjustment from the group counts).
 - Data parallel: refused (single_process_only). Each rank's objective sees only its shard, so its q
   would move with its own group losses and the ranks' weights would drift apart; spreading it needs
   the global batch's per-group sums and counts (all-reduced) in the update.
@@ -31,8 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.api import Batch, Method
-from benchmarks.core.registry import Param, register
+from benchmarks.api import Batch, Method, Param, Traits, register
 from benchmarks.errors import BenchError
 
 
@@ -55,10 +55,9 @@ def update_group_weights(q: torch.Tensor, group_losses: torch.Tensor, eta: float
 class GroupDRO(Method):
     """Group DRO (Sagawa et al. 2020): online exponentiated-gradient weights on the training groups' losses."""
 
-    reads_train_groups = True
-    for_groups = True
-    single_process_only = "its group weights would be updated from each rank's own shard and drift apart"
-    headline_params = ("eta",)
+    traits = Traits(reads_train_groups=True, for_groups=True, headline_params=("eta",),
+                    single_process_only="its group weights would be updated from each rank's own shard and "
+                                        "drift apart")
     params = {
         "eta": Param(0.01, "step size of the group weights' exponentiated-gradient update (the paper's eta_q)",
                      low=0.0, low_open=True),
@@ -68,12 +67,12 @@ class GroupDRO(Method):
 
     def __init__(self, **params):
         super().__init__(**params)
-        self.q: torch.Tensor | None = None  # the group weights (float64, on the device once training)
+        self.q: torch.Tensor | None = None  # the group weights (float64, on the device after setup)
         self._adjustment: torch.Tensor | None = None
-        self._ready = False  # q on the device and the adjustment computed (lazily: a resumed run skips prepare)
 
-    def _setup(self) -> None:
-        ctx = self.ctx
+    def setup(self, ctx) -> None:
+        """q uniform on a fresh start (a resume's from its checkpoint), on the device; the adjustment."""
+        super().setup(ctx)
         if not ctx.data.num_groups:
             raise BenchError("group-dro needs data with group labels (waterbirds, spurious-fashion)")
         groups = ctx.data.train.groups  # visible: this method declares reads_train_groups
@@ -83,11 +82,8 @@ class GroupDRO(Method):
         self.q = self.q.to(ctx.device)
         c = self.hparams["adjustment"]
         self._adjustment = (c / counts.clamp_min(1).sqrt()).to(ctx.device) if c > 0 else None
-        self._ready = True
 
     def objective(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._ready:
-            self._setup()
         if batch.group is None:
             raise BenchError("group-dro: the batch carries no group labels (does the training split have groups?)")
         logits = model(batch.x)
@@ -111,5 +107,4 @@ class GroupDRO(Method):
         return {"q": self.q.cpu().clone() if self.q is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.q = state["q"].clone() if state["q"] is not None else None
-        self._ready = False  # q moves to the device and the adjustment is rebuilt at the next step
+        self.q = state["q"].clone() if state["q"] is not None else None  # moved to the device by setup

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.api import Batch, Selection, Step
-from benchmarks.core.registry import register
+from benchmarks.api import Batch, Selection, Step, register
 from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
 from benchmarks.kit.pergrad import per_example_grad_norms
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.api import EpochPlan, Method
-from benchmarks.core.registry import Param, register
+from benchmarks.api import EpochPlan, Method, Param, Traits, register
 from benchmarks.kit.subsets import (
     FRACTION,
     StaticSubset,
@@ -35,7 +34,7 @@ class UniformEpoch(Method):
     """A fresh random subset of round(fraction * N) examples every epoch."""
 
     params = {"fraction": FRACTION}
-    headline_params = ("fraction",)
+    traits = Traits(headline_params=("fraction",))
 
     def plan_epoch(self, epoch: int) -> EpochPlan:
         n = self.ctx.num_train

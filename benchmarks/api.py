@@ -1,42 +1,97 @@
-"""The contract between the trainer and a data-efficiency method.
+"""The public contract between the suite and a data-efficiency method: everything a method author needs.
 
-A method implements any of the hooks below; the defaults do nothing, so the base class trains the
-protocol's model on the full data. Per-example information is always keyed by the ORIGINAL
-training-set index, which every batch carries (`Batch.index`).
+    from benchmarks.api import Method, Param, Traits, register, Batch, EpochPlan, Selection, Step, StepInfo
 
-Order of the hooks in a run:
-  build_model(ctx)             what is trained (default: the protocol's model)
-  prepare(ctx)                 work before training, charged as selection
+A method is a class registered under a name (`@register("name")`), with its parameters declared in
+`params` (name -> `Param`: default, range or choices) and its traits in ONE place, `traits =
+Traits(...)` (kind, held-out split, oracle group labels, candidate factor, data-parallel limits ...).
+Per-example information is always keyed by the ORIGINAL training-set index, which every batch
+carries (`Batch.index`). What a method may read of the run is its `RunContext` (`self.ctx` after
+`setup`): the protocol, the data, the device, the meter, seeded generators, the cache folder.
+
+Hooks, all optional (the defaults train the protocol's model on the full data with cross-entropy),
+in the order a run calls them, with what each costs:
+  build_model(ctx)             what is trained (default: the protocol's model). Not charged; also
+                               called on a throwaway instance to measure the reference's cost.
+  prepare(ctx)                 work before training: proxy runs, scoring, RELA's targets, RHO-Loss's
+                               irreducible model. ONCE per run, never again on a resume (its results
+                               travel in `state_dict` or the cache). Charged as selection: every pass
+                               it runs goes through `ctx.meter.measure("selection", key)` or the kit's
+                               helpers (benchmarks/kit/proxies.py); resumable after a preemption
+                               through the kit's cache and partial proxy checkpoints.
+  setup(ctx)                   on EVERY process start, resumes included, once the method's state is
+                               complete: after `prepare` on a fresh start, after `load_state_dict`
+                               on a resume (and on the other ranks of a data-parallel run, after they
+                               receive rank 0's prepared state). Restores in-memory state that the
+                               checkpoint does not hold (device copies, tables rebuilt from the cache
+                               or from the state). NEVER charged: it runs with the meter paused and
+                               invisible to any FLOP counter. Its randomness comes from ctx.generator
+                               (the same draws on every start), never the global RNG. The base stores
+                               `self.ctx = ctx`: an override calls super().setup(ctx) first. Hooks
+                               before it (build_model, prepare, load_state_dict) get no self.ctx: they
+                               read the ctx they are given. The reference-cost probe calls build_model
+                               and setup on a throwaway instance, never prepare.
   for each epoch:
-    plan_epoch(epoch)          which examples it visits, with loss weights
+    plan_epoch(epoch)          which examples it visits, with loss weights (not charged: CPU bookkeeping)
     for each step:
-      select(batch, model, s)  keep k of a candidate batch (charged as selection)
+      select(batch, model, s)  keep k of a candidate batch of batch_size x candidate_factor();
+                               charged as selection; BatchNorm statistics are restored after it
+                               unless traits.select_updates_batchnorm
       cost_variant()           which measured step cost applies (a method whose objective changes)
-      objective(model, batch)  the per-example loss (default: cross-entropy); skipped when the
-                               selection carries the kept examples' gradient (one pass)
-      after_step(model, s)     after the optimiser step (a moving-average target)
-      observe(info)            per-example outcomes of the step
-    epoch_info(epoch)
-  evaluate(model, ctx)         replaces the protocol's evaluation (charged to eval)
-  summary()                    numbers for the record
+      objective(model, batch)  the per-example loss (base: the protocol's cross-entropy); charged as
+                               train (it is the step's forward and backward, views and targets
+                               included); skipped when the selection carries the kept examples'
+                               gradient (one pass)
+      after_step(model, s)     after the optimiser step (a moving-average target); charged as train
+      observe(info)            per-example outcomes of the step; charged as selection
+    epoch_info(epoch)          extra numbers for the curve (not charged)
+  backbone(model)              the part the evaluation reads and a saved model names (default: all of it)
+  evaluate(model, ctx)         replaces the protocol's evaluation; charged to eval (not compared)
+  summary()                    numbers for the record's method_stats (not charged)
   example_sets()               sets of training examples the record describes by group (after training)
-Everything a hook runs is metered (benchmarks/compute.py): passes of its own inside `prepare` go
-through `ctx.meter.measure("selection", key)` or the shared helpers of benchmarks/proxies.py.
+  state_dict() / load_state_dict(state)   what a checkpoint holds to resume the method exactly
+Hooks are found by whether the class overrides them (`overrides`); the trainer skips the others.
+Also on the class: `check_params(params)` (a classmethod: checks spanning several parameters, when a
+run or sweep is resolved) and `candidate_factor()` (traits.candidate_factor, resolved from the
+parameter it may name: the one figure the trainer reads for online selection).
+
+Registries: methods (`register`) and datasets (`register_dataset`), both importable from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+
+# Re-exported for method authors. None of these modules imports this one at import time, so importing
+# benchmarks.api first (or any of them first) never meets a half-initialised module.
+from benchmarks.core.context import RunContext
+from benchmarks.core.models import embed
+from benchmarks.core.protocol import Protocol
+from benchmarks.core.registry import Param, register
+from benchmarks.data.registry import register_dataset
 
 if TYPE_CHECKING:
     from benchmarks.core.augment import Views
-    from benchmarks.core.registry import Param
-    from benchmarks.core.train import RunContext
+
+__all__ = [
+    # the method contract
+    "Method", "Traits", "Param", "register", "overrides", "cross_entropy", "KINDS",
+    # what the hooks receive and return
+    "Batch", "EpochPlan", "Selection", "Step", "StepInfo", "RunContext", "Protocol",
+    # a model's penultimate features (every model of the suite has them)
+    "embed",
+    # datasets
+    "register_dataset",
+]
+
+KINDS = ("supervised", "self-supervised")  # the protocols' tasks a method can fit
 
 
 @dataclass
@@ -47,7 +102,7 @@ class Batch:
     weight: torch.Tensor | None = None  # per-example loss weights from the epoch plan
     raw: torch.Tensor | None = None  # the un-augmented uint8 images [B, C, H, W] (in-memory splits only)
     views: Views | None = field(default=None, repr=False)  # draws augmented views of `raw`, seeded
-    # Group labels (on the device), filled only for a method that declares reads_train_groups (an
+    # Group labels (on the device), filled only for a method whose traits say reads_train_groups (an
     # oracle such as Group DRO) on data with groups; None for every other method (benchmarks/data/splits.py).
     group: torch.Tensor | None = None
     # Data parallel: this rank's rows of the global batch of `total` examples; `raw` then holds the
@@ -60,7 +115,7 @@ class Batch:
         """A freshly augmented, normalised view of the batch's raw images.
 
         `pipeline`: a list of augmentation specs (names or {name = ..., params}) from the registry in
-        benchmarks/augment.py; None takes the protocol's `view_augment`. Draws come from the run's
+        benchmarks/core/augment.py; None takes the protocol's `view_augment`. Draws come from the run's
         seeded augmentation generator, so a resumed run draws the same views.
         """
         if self.views is None or self.raw is None:
@@ -130,45 +185,78 @@ class StepInfo:
     logits: torch.Tensor | None  # detached
 
 
-class Method:
-    """Base class: full-data training. Subclasses are registered with @register("name")."""
+@dataclass(frozen=True)
+class Traits:
+    """What a method IS, declared once as a class attribute: `traits = Traits(...)`.
 
-    name: ClassVar[str] = "base"
-    params: ClassVar[dict[str, Param]] = {}
-    # Set by a subclass that replaces the per-example loss:
-    # callable(model, batch) -> (loss [B], logits [B, C] or None). It may draw views with batch.view().
-    objective: Any = None
-    # Online selection: the trainer draws candidate batches of candidate_multiplier x batch_size for `select`
-    # (an instance may set its own from a parameter).
-    candidate_multiplier: ClassVar[int] = 1
+    The harness reads these before and around a run (which protocols a method fits, what data it
+    gets, how the trainer draws and augments its batches, whether it can run data-parallel); a
+    subclass changes some with `traits = Base.traits.replace(...)`.
+    """
+
+    # Which protocols the method fits: "supervised" (a classifier with labels) or "self-supervised".
+    kind: str = "supervised"
     # True: the method uses the protocol's held-out split (ctx.data.holdout); a protocol without one is
     # refused when the run is resolved.
-    needs_holdout: ClassVar[bool] = False
-    # False: batch.x is the un-augmented image (the method draws its own views from batch.raw).
-    augment_batches: ClassVar[bool] = True
-    # True: `select` may update BatchNorm running statistics (by default they are restored after it).
-    select_updates_batchnorm: ClassVar[bool] = False
-    # Which protocols the method fits: "supervised" (a classifier with labels) or "self-supervised".
-    kind: ClassVar[str] = "supervised"
-    # Parameters a table always names, even at their defaults (what a reader compares rows by).
-    headline_params: ClassVar[tuple[str, ...]] = ()
-    # Keep the final model next to the record (a prior or teacher for later runs).
-    save_model: ClassVar[bool] = False
-    # Data parallel: True when some trainable parameters may get no gradient in a step (DDP must look).
-    unused_parameters: ClassVar[bool] = False
-    # Data parallel: why the method cannot be spread over ranks (state it updates from a rank's own
-    # shard would differ between ranks), or "" when it can. A data-parallel run of it is refused.
-    single_process_only: ClassVar[str] = ""
+    needs_holdout: bool = False
     # True: the method reads TRAINING group labels (batch.group, ctx.data.train.groups). It is then an
     # oracle reference (Group DRO), marked so in `list` and in tables, and needs data with groups. For
     # every other method the training split's group labels are hidden: reading them raises.
-    reads_train_groups: ClassVar[bool] = False
+    reads_train_groups: bool = False
     # True: a group-robustness method (JTT, Group DRO); `bench` runs it by default only where the data has groups.
-    for_groups: ClassVar[bool] = False
+    for_groups: bool = False
+    # Online selection: the trainer draws candidate batches of this x batch_size for `select`. An int,
+    # or the name of the method's integer parameter that holds it (read by Method.candidate_factor()).
+    candidate_factor: int | str = 1
+    # False: batch.x is the un-augmented image (the method draws its own views from batch.raw).
+    augment_batches: bool = True
+    # True: `select` may update BatchNorm running statistics (by default they are restored after it).
+    select_updates_batchnorm: bool = False
+    # Data parallel: True when some trainable parameters may get no gradient in a step (DDP must look).
+    unused_parameters: bool = False
+    # Data parallel: why the method cannot be spread over ranks (state it updates from a rank's own
+    # shard would differ between ranks), or "" when it can. A data-parallel run of it is refused.
+    single_process_only: str = ""
+    # Keep the final model next to the record (a prior or teacher for later runs).
+    save_model: bool = False
+    # Parameters a table always names, even at their defaults (what a reader compares rows by).
+    headline_params: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Traits.kind must be one of {KINDS}, got {self.kind!r}")
+        factor = self.candidate_factor
+        if not (isinstance(factor, str) or (isinstance(factor, int) and not isinstance(factor, bool) and factor >= 1)):
+            raise ValueError(f"Traits.candidate_factor must be an int >= 1 or a parameter's name, got {factor!r}")
+        if not isinstance(self.headline_params, tuple):
+            raise ValueError(f"Traits.headline_params must be a tuple of parameter names, got {self.headline_params!r}")
+
+    def replace(self, **changes: Any) -> Traits:
+        """These traits with some changed (a subclass's traits from its base's)."""
+        return dataclasses.replace(self, **changes)
+
+
+def cross_entropy(model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The protocol's per-example training loss: (cross-entropy [B] in float32, logits [B, C])."""
+    logits = model(batch.x)
+    loss = F.cross_entropy(logits.float(), batch.y, reduction="none", label_smoothing=label_smoothing)
+    return loss, logits
+
+
+class Method:
+    """Base class: full-data training. Subclasses are registered with @register("name").
+
+    The hooks and their costs are in this module's docstring.
+    """
+
+    name: ClassVar[str] = "base"
+    params: ClassVar[dict[str, Param]] = {}
+    traits: ClassVar[Traits] = Traits()
 
     def __init__(self, **params: Any):
         self.hparams = params
-        self.ctx: RunContext | None = None
+        self.ctx: RunContext | None = None  # set by `setup`
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:
@@ -178,6 +266,13 @@ class Method:
         is loaded, not when its job runs.
         """
 
+    def candidate_factor(self) -> int:
+        """Online selection: candidates drawn per kept example (traits.candidate_factor, resolved from the
+        parameter it names). The trainer reads this, and only this."""
+        factor = self.traits.candidate_factor
+        return int(self.hparams[factor]) if isinstance(factor, str) else factor
+
+    # -- lifecycle -------------------------------------------------------------------------------
     def build_model(self, ctx: RunContext) -> torch.nn.Module | None:
         """What the run trains, when it is more than the protocol's model (None: ctx.new_model("main")).
 
@@ -190,8 +285,16 @@ class Method:
         return model
 
     def prepare(self, ctx: RunContext) -> None:
-        """Work before training (proxy runs, scoring), metered as selection."""
+        """Work before training (proxy runs, scoring), once per run, charged as selection."""
 
+    def setup(self, ctx: RunContext) -> None:
+        """On every process start, once the state is complete (module docstring); never charged.
+
+        Restores what the checkpoint does not hold; an override calls super().setup(ctx) first.
+        """
+        self.ctx = ctx
+
+    # -- training --------------------------------------------------------------------------------
     def plan_epoch(self, epoch: int) -> EpochPlan | None:
         """None means: every training example once, weight 1."""
         return None
@@ -199,9 +302,6 @@ class Method:
     def select(self, batch: Batch, model: torch.nn.Module, step: Step) -> Selection | None:
         """Online selection from a candidate batch; None keeps the whole batch."""
         return None
-
-    def after_step(self, model: torch.nn.Module, step: Step) -> None:
-        """After each optimiser step (e.g. a moving-average target network)."""
 
     def cost_variant(self) -> Hashable:
         """What the next training step's cost depends on besides the batch shape (None: nothing).
@@ -212,16 +312,26 @@ class Method:
         """
         return None
 
+    def objective(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The per-example loss of a batch: (loss [B], logits [B, C] or None). It may draw views with
+        batch.view(). The base is the protocol's cross-entropy (the trainer runs it with its own
+        protocol, so a method that keeps it needs no context)."""
+        return cross_entropy(model, batch, self.ctx.protocol.label_smoothing)
+
+    def after_step(self, model: torch.nn.Module, step: Step) -> None:
+        """After each optimiser step (e.g. a moving-average target network)."""
+
     def observe(self, info: StepInfo) -> None:
         """Per-example outcomes of each training step."""
-
-    def evaluate(self, model: torch.nn.Module, ctx: RunContext) -> dict | None:
-        """Metrics replacing the protocol's evaluation; None keeps the protocol's. Metered as eval."""
-        return None
 
     def epoch_info(self, epoch: int) -> dict:
         """Extra numbers for the curve at the end of an epoch."""
         return {}
+
+    # -- after training --------------------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module, ctx: RunContext) -> dict | None:
+        """Metrics replacing the protocol's evaluation; None keeps the protocol's. Metered as eval."""
+        return None
 
     def summary(self) -> dict:
         """Extra numbers for the run record's `method_stats`."""
@@ -236,12 +346,13 @@ class Method:
         """
         return {}
 
+    # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What a checkpoint must hold to resume the method exactly."""
+        """What a checkpoint must hold to resume the method exactly (called before `setup` too)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore `state_dict`'s output; called before `setup`, so without self.ctx."""
 
 
 def overrides(method: Method, hook: str) -> bool:

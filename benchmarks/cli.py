@@ -8,6 +8,7 @@ import re
 import sys
 from typing import NoReturn
 
+from benchmarks.core.layout import ResultsLayout
 from benchmarks.errors import BenchError
 from benchmarks.tools.scores import add_parser as add_scores_parser
 from benchmarks.tools.toy import add_parser as add_toy_parser
@@ -31,9 +32,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("methods (kind: the protocols' task they fit):")
     for name, cls in list_methods().items():
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        oracle = " [ORACLE: reads training group labels]" if cls.reads_train_groups else ""
-        needs = ", needs a holdout" if cls.needs_holdout else ""
-        print(f"  {name:<16} [{cls.kind}{needs}]{oracle} {doc}")
+        oracle = " [ORACLE: reads training group labels]" if cls.traits.reads_train_groups else ""
+        needs = ", needs a holdout" if cls.traits.needs_holdout else ""
+        print(f"  {name:<16} [{cls.traits.kind}{needs}]{oracle} {doc}")
         for pname, param in cls.params.items():
             print(f"      {pname:<16} {param.describe()}{': ' + param.help if param.help else ''}")
     print("protocols:")
@@ -83,70 +84,18 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    """Every method (default: all that fit the protocol) at its default settings, for each seed, then the table.
+    """Every method that fits the protocol at its default settings, for each seed, then the table: a sweep of
+    its own (benchmarks/jobs/bench.py), checked before the first run starts and run by the local executor."""
+    from benchmarks.core.protocol import parse_assignments
+    from benchmarks.jobs.bench import bench_sweep
 
-    The runs are checked before the first starts (protocol, parameters, data, device, results folder)
-    and listed in a manifest (OUT/sweeps/<name>/), as a sweep's are: `status` and `publish` work on it.
-    """
-    import time
-
-    from benchmarks.core.protocol import load_protocol, parse_assignments
-    from benchmarks.core.registry import list_methods, method_class
-    from benchmarks.core.run import RunSpec, execute
-    from benchmarks.data import dataset_has_groups
-    from benchmarks.jobs.preflight import check_runs
-    from benchmarks.jobs.sweep import Sweep, sweep_dir, write_manifest
-
-    protocol = load_protocol(args.protocol)
-    overrides = _quick(parse_assignments(args.set, "--set"), args.protocol, args.quick)
-    groups = dataset_has_groups(protocol.dataset, protocol.data_kwargs)
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods is not None else [
-        name for name, cls in list_methods().items()  # the methods that fit (group methods: on groups only)
-        if cls.kind == protocol.task and (groups or not cls.for_groups) and (protocol.holdout or not cls.needs_holdout)]
-    skipped = [] if args.methods is not None else [
-        name for name, cls in list_methods().items() if cls.kind == protocol.task and cls.needs_holdout
-        and not protocol.holdout]
-    for name in methods:
-        method_class(name)  # unknown names fail before anything runs
-    seeds = _int_list(args.seeds, "--seeds") if args.seeds is not None else protocol.seeds[:1]
-    shared = parse_assignments(args.param, "--param")
-    for key in shared:  # a typo would otherwise be dropped silently (a --param goes to the methods having it)
-        if not any(key in cls.params for cls in list_methods().values()):
-            raise BenchError(f"--param '{key}' is a parameter of no method; `python -m benchmarks list` shows each "
-                             "method's parameters")
-
-    def params_for(method: str) -> dict:  # a --param goes to every method that has that parameter
-        return {k: v for k, v in shared.items() if k in method_class(method).params}
-
-    specs = [RunSpec(protocol=args.protocol, method=m, params=params_for(m), seed=s, overrides=overrides)
-             for s in seeds for m in methods]
-    name = _job_name(args.name or f"bench-{protocol.name}")
-    check_runs(specs, data_root=args.data_root, device=args.device, check_data=not args.skip_data_check,
-               out=args.out)
-    if skipped:  # said once everything is checked: bad input stays one line
-        print(f"not run (they need a held-out split; add --set holdout=0.1): {', '.join(skipped)}")
-    manifest, _ = write_manifest(Sweep(name, args.protocol, specs, source="bench"), args.out, args.data_root)
-    started, failed = time.perf_counter(), []
-    loggers = _wandb_loggers(args)
-    for i, spec in enumerate(specs, 1):
-        print(f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}", flush=True)
-        try:
-            execute(spec, args.out, data_root=args.data_root, device=args.device, loggers=loggers,
-                    save=args.save_model, group=name)
-        except Exception as exc:  # noqa: BLE001 - checked before the start, so this is the run's own failure:
-            failed.append(f"{spec.method} seed {spec.seed}: {type(exc).__name__}: {exc}")  # its record says it
-            print(f"  failed: {failed[-1]}", flush=True)
-    print(f"bench wall-clock: {time.perf_counter() - started:.0f} s for {len(specs)} runs")
-    status = _job_tables(manifest, sweep_dir(args.out, name) / "tables")
-    for line in failed:
-        print(f"FAILED {line}")
-    return 1 if failed else status
-
-
-def _job_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise BenchError(f"job name '{name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
-    return name
+    sweep, skipped = bench_sweep(
+        args.protocol, methods=[m.strip() for m in args.methods.split(",")] if args.methods is not None else None,
+        seeds=_int_list(args.seeds, "--seeds") if args.seeds is not None else None,
+        params=parse_assignments(args.param, "--param"),
+        overrides=_quick(parse_assignments(args.set, "--set"), args.protocol, args.quick), name=args.name,
+        save_model=args.save_model)
+    return _run_sweep(sweep, args, notes=[f"not run: {reason}" for reason in skipped.values()])
 
 
 def _job_tables(manifest, tables_out) -> int:
@@ -155,12 +104,12 @@ def _job_tables(manifest, tables_out) -> int:
     Never results/tables/: that folder holds the published tables, rebuilt by `nox -s tables` from the
     published records (results/records/), and a job must not erase a table it did not make.
     """
-    from benchmarks.core.record import RecordError, load_record, record_path
+    from benchmarks.core.record import RecordError, load_record
     from benchmarks.jobs.sweep import read_manifest
 
     records, problems = [], []
     for line in read_manifest(manifest):
-        path = record_path(line["out"], line["run_id"])
+        path = ResultsLayout(line["out"]).record(line["run_id"])
         if path.exists():
             try:
                 records.append(dict(load_record(path), _path=str(path)))
@@ -173,15 +122,24 @@ def _job_tables(manifest, tables_out) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from benchmarks.core.protocol import parse_assignments
+    from benchmarks.jobs.sweep import load_sweep
+
+    overrides = parse_assignments(args.set, "--set")
+    if args.quick:
+        overrides = _quick(overrides, load_sweep(args.spec).protocol, True)
+    return _run_sweep(load_sweep(args.spec, overrides, quick=args.quick), args)
+
+
+def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
+    """A sweep (or a bench job): checked, its manifest written, its new runs run here or submitted."""
+    from benchmarks.core.layout import ResultsLayout
     from benchmarks.jobs.preflight import check_runs
     from benchmarks.jobs.sweep import (
         LIVE_STATES,
-        load_sweep,
         parse_slurm_options,
         run_local,
         slurm_groups,
         submit_slurm,
-        sweep_dir,
         sweep_status,
         write_manifest,
     )
@@ -189,26 +147,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise BenchError(f"--jobs {args.jobs}: must be >= 1")
     slurm_options = parse_slurm_options(args.slurm)  # checked whatever the executor: nothing is silently ignored
-    overrides = parse_assignments(args.set, "--set")
-    if args.quick:
-        overrides = _quick(overrides, load_sweep(args.spec).protocol, True)
-    sweep = load_sweep(args.spec, overrides, quick=args.quick)
     # Check what every run needs HERE, before a manifest is written or a job submitted: under Slurm
     # this is the submitting host (--skip-data-check for data that only the compute nodes see).
-    check_runs(sweep.runs, data_root=args.data_root, check_data=not args.skip_data_check, out=args.out)
-    manifest, lines = write_manifest(sweep, args.out, args.data_root)
-    os.environ["BENCH_WANDB"] = args.wandb  # tasks inherit it: sbatch exports the environment
+    check_runs(sweep.runs, data_root=args.data_root, device=getattr(args, "device", None),
+               check_data=not args.skip_data_check, out=args.out)
+    for note in notes:  # said once everything is checked: bad input stays one line
+        print(note)
+    settings = {"wandb": args.wandb}
+    if getattr(args, "device", None) not in (None, "auto"):
+        settings["device"] = args.device
+    manifest, lines = write_manifest(sweep, args.out, args.data_root, settings=settings)
     states = sweep_status(manifest)
     complete = [i for i, _, state, _ in states if state == "complete"]
     live = [i for i, _, state, _ in states if state in LIVE_STATES]
     todo = [i for i, _, state, _ in states if state != "complete" and state not in LIVE_STATES]
-    print(f"sweep {sweep.name}: {len(lines)} runs in {manifest}: {len(todo)} to run, {len(complete)} already "
-          f"complete" + (f", {len(live)} running or queued" if live else ""))
+    print(f"{sweep.source if sweep.source == 'bench' else 'sweep'} {sweep.name}: {len(lines)} runs in {manifest}: "
+          f"{len(todo)} to run, {len(complete)} already complete"
+          + (f", {len(live)} running or queued" if live else ""), flush=True)
     if args.dry_run or not todo:
         for i in todo if args.dry_run else []:
             line = lines[i]
             print(f"  [{i}] {line['run_id']} {line['method']} {line['params']} seed {line['seed']}")
-        return 0
+        return 0 if args.dry_run or sweep.source != "bench" else _job_tables(
+            manifest, ResultsLayout(args.out).sweep_tables(sweep.name))
     if args.executor == "slurm":
         for slurm, indices in slurm_groups(lines, todo, sweep.slurm, slurm_options):
             submit_slurm(manifest, indices, slurm, job_name=f"bench-{sweep.name}")
@@ -219,120 +180,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"summary: {summary}")
     for i in failed:
         print(f"  not complete: [{i}] {lines[i]['method']} {lines[i]['params']} seed {lines[i]['seed']}")
-    if not failed:
-        _job_tables(manifest, sweep_dir(args.out, sweep.name) / "tables")
+    if not failed or sweep.source == "bench":  # a bench job tables what it has; its failures are in the summary
+        _job_tables(manifest, ResultsLayout(args.out).sweep_tables(sweep.name))
     return 1 if failed else 0
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
-    """One manifest line, as a Slurm array task or a local sweep worker; checkpoint + requeue on signal.
+    """One manifest line, as a Slurm array task or a local sweep worker (benchmarks/jobs/task.py)."""
+    from benchmarks.jobs.task import run_task
 
-    benchmarks/tasks.py says how a task proves it is alive and when a requeue is refused.
-    """
-    import subprocess
-
-    from benchmarks.core.distributed import is_rank_zero
-    from benchmarks.core.run import execute, write_failed_record
-    from benchmarks.core.train import Preempted
-    from benchmarks.jobs.sweep import line_spec, read_manifest_line
-    from benchmarks.jobs.tasks import (
-        MAX_REQUEUES,
-        Heartbeat,
-        load_requeue_state,
-        marker_alive,
-        read_marker,
-        requeue_decision,
-        requeue_file,
-        running_marker,
-        save_requeue_state,
-        slurm_states,
-        stop_kind,
-        this_marker,
-        write_marker,
-    )
-
-    line = read_manifest_line(args.manifest, args.index)
-    spec = line_spec(line)
-    if spec.run_id != line["run_id"]:  # the protocol file was edited after the sweep was written
-        raise BenchError(f"manifest {args.manifest}, line {args.index}: run {line['run_id']} is now {spec.run_id} "
-                         f"(protocol '{spec.protocol}' or a method's defaults changed since the sweep was written); "
-                         "run `sweep` again to write the manifest for the current protocol")
-    out, rid = line["out"], line["run_id"]
-    if not is_rank_zero():  # data parallel: rank 0 keeps the marker and requeues
-        return _task_rank(args, line, spec)
-    job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    task_id = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else None
-    marker_path = running_marker(out, rid)
-    existing = read_marker(marker_path)
-    if existing is not None and not (task_id and existing.job == task_id):  # (a requeued task is itself)
-        alive, why = marker_alive(existing, marker_path, slurm_states({existing.job}) if existing.job else {})
-        if alive:
-            print(f"run {rid} is already running ({why}); not starting a second copy", flush=True)
-            return 0
-
-    _request_stop_on_signals()
-    write_marker(marker_path, this_marker(task_id))
-    keep_marker = False
-    try:
-        with Heartbeat(marker_path):
-            execute(spec, out, data_root=args.data_root or line.get("data_root"), device=args.device,
-                    group=line.get("group"), loggers=_wandb_loggers(args, out), save=line.get("save_model", False))
-        requeue_file(out, rid).unlink(missing_ok=True)
-    except Preempted as stop:
-        if not task_id:
-            print("stopped; run the same command again to resume from the checkpoint", flush=True)
-            return 3
-        state = load_requeue_state(requeue_file(out, rid), task_id)
-        requeue, why = requeue_decision(state, stop_kind(task_id), getattr(stop, "progress", 0.0),
-                                        int(os.environ.get("BENCH_MAX_REQUEUES", MAX_REQUEUES)))
-        save_requeue_state(requeue_file(out, rid), state)
-        if not requeue:
-            write_failed_record(spec, out, f"RequeueRefused: {why}", group=line.get("group"))
-            print(f"not requeued: {why}", flush=True)
-            return 1
-        # The requeued task keeps its id and its marker: squeue lists it as pending, so the run stays
-        # "running" and a resubmitted sweep does not start a second copy.
-        keep_marker = subprocess.run(["scontrol", "requeue", task_id], check=False).returncode == 0
-        print(f"requeued {task_id}: {why}" if keep_marker else f"scontrol requeue {task_id} failed: {why}",
-              flush=True)
-        return 3
-    except BenchError as exc:  # found only here (data that the submitting host could not check): say it in a record
-        write_failed_record(spec, out, f"{type(exc).__name__}: {exc}", group=line.get("group"))
-        raise
-    finally:
-        if not keep_marker:
-            marker_path.unlink(missing_ok=True)
-    return 0
-
-
-def _request_stop_on_signals() -> None:
-    """SIGUSR1 (Slurm's warning) and SIGTERM stop training at the next step boundary, with a checkpoint."""
-    import signal
-
-    from benchmarks.core.train import STOP
-
-    def request_stop(signum, _frame):
-        if not STOP.is_set():
-            print(f"received {signal.Signals(signum).name}: stopping at the next step to checkpoint", flush=True)
-        STOP.set()
-
-    signal.signal(signal.SIGUSR1, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-
-def _task_rank(args: argparse.Namespace, line: dict, spec) -> int:
-    """A rank other than 0 of a data-parallel task: it trains and stops with the others, and leaves
-    the marker, the requeue and any record to rank 0."""
-    from benchmarks.core.run import execute
-    from benchmarks.core.train import Preempted
-
-    _request_stop_on_signals()
-    try:
-        execute(spec, line["out"], data_root=args.data_root or line.get("data_root"), device=args.device,
-                group=line.get("group"), save=line.get("save_model", False))
-    except Preempted:
-        return 3
-    return 0
+    return run_task(args.manifest, args.index, data_root=args.data_root, device=args.device, wandb=args.wandb)
 
 
 def _find_manifest(target: str, out: str):
@@ -340,7 +197,7 @@ def _find_manifest(target: str, out: str):
     from pathlib import Path
 
     from benchmarks.core.protocol import read_toml
-    from benchmarks.jobs.sweep import SWEEP_DIR, manifest_path
+    from benchmarks.jobs.sweep import SWEEP_DIR
 
     path = Path(target)
     if path.is_dir():
@@ -350,9 +207,9 @@ def _find_manifest(target: str, out: str):
         name = read_toml(spec).get("name") if spec.exists() else None
         if not isinstance(name, str):
             raise BenchError(f"{spec}: not a sweep spec with a name (give the sweep's name, folder or manifest)")
-        path = manifest_path(out, name)
+        path = ResultsLayout(out).manifest(name)
     elif not path.exists():
-        path = manifest_path(out, target)
+        path = ResultsLayout(out).manifest(target)
     if not path.is_file():
         raise BenchError(f"no manifest for sweep '{target}' (looked for {path}); `sweep SPEC` writes it")
     return path
@@ -404,9 +261,7 @@ def _records_folder(results: str, records: str | None):
     """The folder of record files: --records as given, or the results folder's runs/ (BenchError if absent)."""
     from pathlib import Path
 
-    from benchmarks.core.record import runs_dir
-
-    folder = Path(records) if records else runs_dir(results)
+    folder = Path(records) if records else ResultsLayout(results).runs
     if not folder.is_dir():
         what = f"--records '{records}'" if records else f"--runs '{results}' (records are read from {folder})"
         published = Path(results) / "records"
@@ -523,6 +378,17 @@ DATA_CHECK_HELP = ("do not check the data on this host before starting (for data
                    "see); protocol, parameters and the results folder are still checked")
 
 
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """How a sweep or a bench job runs its runs: the local executor (N at a time) or one Slurm job array."""
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local: runs at a time (default 1; on 2 cores, 2 runs at a "
+                   "time with one thread each is as fast as one run on two threads)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: partition, gpus, time, mem, account, parallel, cpus_per_task, max_requeues, extra "
+                        "(over the spec's)")
+    p.add_argument("--dry-run", action="store_true", help="write the manifest and list the new runs; run nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m benchmarks", description="Benchmark suite for data-efficient deep learning.",
@@ -544,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="results folder; records go to OUT/runs/ (default results)")
     p.add_argument("--data-root", default=None, help="where datasets are looked for first (then $BENCH_DATA)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--force", action="store_true", help="rerun even if a complete record exists")
+    p.add_argument("--force", action="store_true",
+                   help="rerun even if a complete record exists; set aside a checkpoint that cannot be used")
     p.add_argument("--save-model", action="store_true",
                    help="keep the final model as OUT/models/<run_id>.pt (a prior or teacher for later runs)")
     p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
@@ -567,19 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-data-check", action="store_true", help=DATA_CHECK_HELP)
     p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
+    add_executor_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("sweep", help="expand a sweep spec into a manifest; run it here or as one Slurm job array")
     p.add_argument("spec", help="a sweep spec (.toml path, or a name in benchmarks/sweeps/)")
-    p.add_argument("--executor", choices=["local", "slurm"], default="local")
-    p.add_argument("--jobs", type=int, default=1, help="local: runs at a time (default 1)")
-    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
-                   help="slurm: partition, gpus, time, mem, account, parallel, cpus_per_task, max_requeues, extra "
-                        "(over the spec's)")
+    add_executor_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override for all runs")
     p.add_argument("--quick", action="store_true", help="a check that every [[methods]] block runs end to end, not a "
                    "result: its first grid point, the first seed, a tenth of the protocol's epochs")
-    p.add_argument("--dry-run", action="store_true", help="write the manifest and list the new runs; run nothing")
     p.add_argument("--out", default="results",
                    help="results folder: records in OUT/runs/, the manifest, logs and table in OUT/sweeps/NAME/")
     p.add_argument("--data-root", default=None, help="where every task looks for datasets first (then $BENCH_DATA)")
@@ -591,9 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("index", type=int, help="0-based line number ($SLURM_ARRAY_TASK_ID)")
     p.add_argument("--data-root", default=None, help="(default: the sweep's --data-root, then $BENCH_DATA)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--wandb", choices=WANDB_CHOICES, default=os.environ.get("BENCH_WANDB", "auto"),
-                   help=WANDB_HELP + " (default: $BENCH_WANDB, set by `sweep`, else auto)")
+    p.add_argument("--device", default=None, help="(default: the manifest line's, else auto)")
+    p.add_argument("--wandb", choices=WANDB_CHOICES, default=None,
+                   help=WANDB_HELP + " (default: the manifest line's, which `sweep` writes, else auto)")
     p.set_defaults(func=_cmd_task)
 
     p = sub.add_parser("status", help="complete / running / queued / failed / interrupted / missing per run of a "

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.api import Method, StepInfo
-from benchmarks.core.registry import register
+from benchmarks.api import Method, StepInfo, register
 from benchmarks.kit.scoring import ScoreKind, ScoreSelection, epoch_param, register_score_kind, score_params
 
 

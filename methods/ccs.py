@@ -44,7 +44,7 @@ Finding on Fashion-MNIST (CPU scale; issue 15). CCS over EL2N at a FIXED beta = 
 
 from __future__ import annotations
 
-from benchmarks.core.registry import Param, register
+from benchmarks.api import Param, register
 from benchmarks.kit.scoring import PAPER_BETA, ScoreSelection, epoch_param, score_params
 
 SCORES = ("aum", "aum-softmax", "el2n", "forgetting", "grand", "grand-lastlayer")
@@ -54,7 +54,7 @@ SCORES = ("aum", "aum-softmax", "el2n", "forgetting", "grand", "grand-lastlayer"
 class CCS(ScoreSelection):
     """Coverage-centric coreset selection (Zheng et al. 2023): drop the hardest by AUM, sample the strata."""
 
-    headline_params = ("fraction", "score")
+    traits = ScoreSelection.traits.replace(headline_params=("fraction", "score"))
     params = dict(score_params(epoch_param(-1, "proxy epochs before scoring; -1 = the score's default "
                                            "(aum, forgetting: all the protocol's; el2n: 10%)"),
                                mode="ccs", ccs_beta=PAPER_BETA, score_runs=1),

@@ -55,8 +55,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from benchmarks.api import Batch, Selection, Step
-from benchmarks.core.registry import Param, register
+from benchmarks.api import Batch, Param, Selection, Step, register
 from benchmarks.errors import BenchError
 from benchmarks.kit.ghost import FORMS, capture, gram_with_validation, has_batchnorm, subset_gradient
 from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, scoring_mode
@@ -102,7 +101,7 @@ class Greats(OnlineSelection):
     the kept examples then train in an ordinary train-mode pass (one pass only without BatchNorm).
     """
 
-    needs_holdout = True
+    traits = OnlineSelection.traits.replace(needs_holdout=True)
     params = {
         "candidate_factor": CANDIDATE_FACTOR,
         "val_size": Param(5, "held-out examples forming the fixed validation set", low=1),
@@ -127,25 +126,24 @@ class Greats(OnlineSelection):
                              f"{params['val_size']} (each step draws val_batch of the val_size examples)")
 
     def prepare(self, ctx) -> None:
-        self._validation()
         if hooked_layers(ctx.new_model("ghost-probe")) is None:  # fail before training, not at its first step
             raise BenchError(f"method 'greats': model '{ctx.protocol.model}' has trainable layers other than "
                              "nn.Linear, nn.Conv2d and BatchNorm, which the ghost products do not cover")
 
-    def _validation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed validation set (built lazily: a resumed run does not call prepare)."""
-        if self.validation is None:
-            holdout, size = self.ctx.data.holdout, self.hparams["val_size"]
-            if holdout is None or len(holdout) < size:
-                raise BenchError(f"method 'greats' needs at least val_size={size} held-out examples and the "
-                                 f"protocol holds {0 if holdout is None else len(holdout)}; raise --set holdout=...")
-            chosen = torch.randperm(len(holdout), generator=self.ctx.generator("greats-validation"))[:size]
-            batch = next(iter(holdout.batches(chosen, size)))  # un-augmented
-            self.validation = (batch.x, batch.y)
-        return self.validation
+    def setup(self, ctx) -> None:
+        """The fixed validation set, drawn from (run seed) alone: every start (a resume, every rank) draws
+        the same, so it is not checkpointed. Before training, so a too small held-out split fails there."""
+        super().setup(ctx)
+        holdout, size = ctx.data.holdout, self.hparams["val_size"]
+        if holdout is None or len(holdout) < size:
+            raise BenchError(f"method 'greats' needs at least val_size={size} held-out examples and the "
+                             f"protocol holds {0 if holdout is None else len(holdout)}; raise --set holdout=...")
+        chosen = torch.randperm(len(holdout), generator=ctx.generator("greats-validation"))[:size]
+        batch = next(iter(holdout.batches(chosen, size)))  # un-augmented
+        self.validation = (batch.x, batch.y)
 
     def validation_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._validation()
+        x, y = self.validation
         drawn = torch.randperm(len(y), generator=self.ctx.generator("greats-validation-batch", step))
         drawn = drawn[:self.hparams["val_batch"]].to(y.device)
         return x[drawn], y[drawn]

@@ -8,7 +8,8 @@ Algorithm, once per epoch, from a score table that holds each example's latest t
   4. anneal: from epoch floor(delta * epochs) on (0-based), train on the full data with weight 1.
 
 Use: `python -m benchmarks run --protocol infobatch-cifar100 --method infobatch --param prune_ratio=0.5`.
-It works through `plan_epoch` and `observe` only; nothing in torch is patched.
+It works through `plan_epoch` and `observe` only (`setup` puts the score table on the device: a
+fresh one, or the checkpoint's); nothing in torch is patched.
 
 Decisions, and the known pitfalls of the reference code they avoid:
 - `prune_ratio` is NOT the share of the dataset skipped (only below-mean examples are candidates):
@@ -50,8 +51,7 @@ import math
 
 import torch
 
-from benchmarks.api import EpochPlan, Method, StepInfo
-from benchmarks.core.registry import Param, register
+from benchmarks.api import EpochPlan, Method, Param, StepInfo, Traits, register
 
 INITIAL_SCORE = 3.0  # every example starts "not well learned" until its loss has been seen
 
@@ -82,7 +82,7 @@ def plan_from_scores(scores: torch.Tensor, prune_ratio: float,
 class InfoBatch(Method):
     """Skip a random share prune_ratio of the below-mean-loss examples per epoch, reweight the rest; anneal."""
 
-    headline_params = ("prune_ratio",)
+    traits = Traits(headline_params=("prune_ratio",))
     params = {
         "prune_ratio": Param(0.5, "probability of skipping each below-mean-loss example in an epoch",
                              low=0.0, high=1.0, high_open=True),
@@ -92,15 +92,15 @@ class InfoBatch(Method):
 
     def __init__(self, **params):
         super().__init__(**params)
-        self.scores: torch.Tensor | None = None  # latest loss per example, on the training device
+        self.scores: torch.Tensor | None = None  # latest loss per example, on the training device after setup
         self.skipped: dict[int, int] = {}  # epoch -> examples skipped (keyed, so re-planning an epoch is harmless)
 
-    def _table(self) -> torch.Tensor:
-        # Created lazily: a resumed run loads its table without `prepare` being called.
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        # A fresh run starts from the initial table; a resumed one from its checkpoint's (loaded on the CPU).
         if self.scores is None:
-            self.scores = torch.full((self.ctx.num_train,), INITIAL_SCORE)
-        self.scores = self.scores.to(self.ctx.device)  # a no-op once there
-        return self.scores
+            self.scores = torch.full((ctx.num_train,), INITIAL_SCORE)
+        self.scores = self.scores.to(ctx.device)
 
     def plan_epoch(self, epoch: int) -> EpochPlan:
         n = self.ctx.num_train
@@ -108,13 +108,13 @@ class InfoBatch(Method):
             self.skipped[epoch] = 0
             return EpochPlan(torch.arange(n), info={"pruned_share": 0.0})
         kept, weights, n_skipped, n_well = plan_from_scores(
-            self._table().cpu(), self.hparams["prune_ratio"], self.ctx.generator("infobatch", epoch))
+            self.scores.cpu(), self.hparams["prune_ratio"], self.ctx.generator("infobatch", epoch))
         self.skipped[epoch] = n_skipped
         return EpochPlan(kept, weights, info={"pruned_share": n_skipped / n, "well_learned_share": n_well / n})
 
     def observe(self, step: StepInfo) -> None:
         # The raw (unweighted) per-example loss, written on the device: no host sync per step.
-        self._table()[step.index] = step.loss.float()
+        self.scores[step.index] = step.loss.float()
 
     def summary(self) -> dict:
         saved = sum(self.skipped.values())
@@ -124,8 +124,9 @@ class InfoBatch(Method):
                 "prune_epochs": prune_epochs(self.hparams["delta"], self.ctx.protocol.epochs)}
 
     def state_dict(self) -> dict:
-        return {"scores": self._table().detach().cpu().clone(), "skipped": dict(self.skipped)}
+        scores = self.scores.detach().cpu().clone() if self.scores is not None else None  # None: before setup
+        return {"scores": scores, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scores = state["scores"].clone()
+        self.scores = state["scores"].clone() if state["scores"] is not None else None
         self.skipped = dict(state["skipped"])

@@ -39,10 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.api import EpochPlan, Method
-from benchmarks.core.protocol import Protocol
-from benchmarks.core.registry import Param, register
-from benchmarks.core.train import RunContext
+from benchmarks.api import EpochPlan, Method, Param, Protocol, RunContext, Traits, register
 from benchmarks.errors import BenchError
 from benchmarks.kit.proxies import per_example_pass, train_proxy
 
@@ -77,8 +74,7 @@ def predict_train(model: torch.nn.Module, ctx: RunContext, tag: str) -> torch.Te
 class JTT(Method):
     """JTT: ERM for T epochs, then a fresh model with its misclassified training examples upsampled."""
 
-    for_groups = True
-    headline_params = ("stage1_epochs", "lambda_up")
+    traits = Traits(for_groups=True, headline_params=("stage1_epochs", "lambda_up"))
     params = {
         "stage1_epochs": Param(-1, "T, epochs of the stage-1 ERM model; -1 = 20% of the protocol's "
                                    "(the paper's 60 of 300 on Waterbirds)", low=-1),

@@ -45,35 +45,30 @@ Decisions, and the official code's (LINs-lab/ReLA) details they keep or fix:
   Targets are cached per (training data, prior, k) under OUT/cache/rela-targets/; a hit charges
   what computing them cost. The prior's own training is not charged (the paper treats priors as
   free public models); a record names its prior.
-- A resumed run reloads its targets from the cache (or recomputes them, unmetered: they were
-  charged before the checkpoint), so checkpoints do not carry an N x k table.
+- A resumed run reloads its targets from the cache in `setup` (or recomputes them there, where
+  nothing is charged: they were charged before the checkpoint), so checkpoints do not carry an
+  N x k table. A recomputed table is not cached: a later run's hit would charge nothing for it.
 - The official code reports the linear probe's mean over its last 3 epochs; the suite reports the
   last epoch, as for every method.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.core.compute import ComputeMeter, unmetered
-from benchmarks.core.models import embed
-from benchmarks.core.registry import Param, register
+from benchmarks.api import Param, embed, register
 from benchmarks.kit.priors import check_prior_spec, load_prior, prior_identity
 from benchmarks.kit.proxies import (
-    CACHE_VERSION,
     Spending,
     charge_cached,
-    data_fingerprint,
-    dataset_cache_file,
+    dataset_artefact,
     embedding_pass,
+    file_label,
     load_cached,
     save_cached,
 )
@@ -163,17 +158,14 @@ def rela_loss(model: RELANetworks, first: torch.Tensor, second: torch.Tensor, ta
     return 0.5 * sum(1 - F.cosine_similarity(p, target, dim=1) for p in predicted)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
-
-
 @register("rela")
 class RELA(BYOLMethod):
     """RELA: a prior's PCA'd features as targets (RELA-D), then BYOL once their loss plateaus (RELA-F)."""
 
-    headline_params = ("budget", "prior")
     # The plateau rule reads the rank's own loss: ranks could switch phase at different steps.
-    single_process_only = "its plateau rule reads each rank's own loss, so ranks could switch phase apart"
+    traits = BYOLMethod.traits.replace(
+        headline_params=("budget", "prior"),
+        single_process_only="its plateau rule reads each rank's own loss, so ranks could switch phase apart")
     params = dict(SSL_PARAMS, **{
         "prior": Param("random", "the prior model: random, run:<run_id>, timm:<name> or timm:<name>@<weights file>"),
         "switch_epoch": Param(-1, "-1: the official plateau rule switches lambda to 0; e >= 0: switch at the start "
@@ -184,7 +176,7 @@ class RELA(BYOLMethod):
         super().__init__(**params)
         self.targets: torch.Tensor | None = None
         self.target_dim: int | None = None
-        self._encoder = None  # the loaded prior, between build_model and prepare
+        self._encoder = None  # the loaded prior, between build_model and prepare (or setup, on a resume)
         self.rule = PlateauSwitch()
         self.phase = "rela"
         self.steps = 0  # optimiser steps taken
@@ -209,12 +201,10 @@ class RELA(BYOLMethod):
         return RELANetworks(backbone, self.target_dim)
 
     def _cache(self, ctx):
-        identity = prior_identity(self.hparams["prior"], ctx)
-        key = {"version": CACHE_VERSION, "kind": "rela-targets", "data": data_fingerprint(ctx), "k": self.target_dim,
-               **identity}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        path = dataset_cache_file(ctx, "rela-targets", f"{_slug(self.hparams['prior'])}-k{self.target_dim}-{digest}")
-        return path, key
+        """(path, key) of the targets: an artefact of the training data, the prior and k alone."""
+        prior = self.hparams["prior"]
+        return dataset_artefact(ctx, "rela-targets", f"{file_label(prior)}-k{self.target_dim}", k=self.target_dim,
+                                **prior_identity(prior, ctx))
 
     def _generate(self, ctx) -> torch.Tensor:
         """The prior's features of every (un-augmented) training example -> PCA -> z-score, metered as selection."""
@@ -241,21 +231,13 @@ class RELA(BYOLMethod):
         self.targets = targets.to(device)
         self._encoder = None  # the prior is no longer needed
 
-    def _targets(self) -> torch.Tensor:
-        if self.targets is None:  # a resumed run: the targets were charged before its checkpoint
-            ctx = self.ctx
-            path, key = self._cache(ctx)
-            cached = load_cached(path, key, ctx.log)
-            if cached is not None:
-                self._keep(cached["targets"], ctx)
-            else:  # recomputed on a throwaway meter, invisible to any outer counter: charged once, before
-                run_meter, ctx.meter = ctx.meter, ComputeMeter()
-                try:
-                    with unmetered():
-                        self._keep(self._generate(ctx), ctx)
-                finally:
-                    ctx.meter = run_meter
-        return self.targets
+    def setup(self, ctx) -> None:
+        """A resumed run's targets (the checkpoint does not hold them): from the cache, else recomputed.
+        Nothing here is charged (they were, in prepare, before the checkpoint)."""
+        super().setup(ctx)
+        if self.targets is None:
+            cached = load_cached(*self._cache(ctx), ctx.log)
+            self._keep(cached["targets"] if cached is not None else self._generate(ctx), ctx)
 
     # -- RELA-F -------------------------------------------------------------------------------------
     def plan_epoch(self, epoch: int):
@@ -273,7 +255,7 @@ class RELA(BYOLMethod):
     def objective(self, model: RELANetworks, batch):
         if self.phase == "byol":
             return byol_loss(model, batch.view(), batch.view()), None
-        target = self._targets()[batch.index.to(self.targets.device)].to(batch.x.device)
+        target = self.targets[batch.index.to(self.targets.device)].to(batch.x.device)
         losses = rela_loss(model, batch.view(RELA_VIEWS), batch.view(RELA_VIEWS), target)
         self._last_loss = losses.detach().mean()
         return losses, None

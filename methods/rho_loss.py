@@ -32,9 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.api import Batch, Step
-from benchmarks.core.registry import Param, register
-from benchmarks.core.train import RunContext
+from benchmarks.api import Batch, Param, RunContext, Step, register
 from benchmarks.errors import BenchError
 from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
 from benchmarks.kit.proxies import per_example_pass, train_proxy
@@ -56,7 +54,7 @@ class RhoLoss(OnlineSelection):
     """Keep the k of B candidates with the highest training loss minus irreducible loss; the IL model
     is trained on the held-out split (cost charged as selection, cached per protocol and seed)."""
 
-    needs_holdout = True
+    traits = OnlineSelection.traits.replace(needs_holdout=True)
     params = {
         "candidate_factor": CANDIDATE_FACTOR,
         "il_epochs": Param(-1, "epochs of the protocol's schedule the irreducible-loss model trains "
@@ -74,13 +72,18 @@ class RhoLoss(OnlineSelection):
             raise BenchError("method 'rho-loss': il_epochs=0 would score with an untrained model; "
                              "use -1 (all the protocol's epochs) or a count >= 1")
 
-    def il_epochs(self) -> int:
-        epochs = self.hparams["il_epochs"]
-        return self.ctx.protocol.epochs if epochs == -1 else min(epochs, self.ctx.protocol.epochs)
+    def il_epochs(self, ctx: RunContext) -> int:
+        epochs, protocol_epochs = self.hparams["il_epochs"], ctx.protocol.epochs
+        return protocol_epochs if epochs == -1 else min(epochs, protocol_epochs)
 
     def prepare(self, ctx: RunContext) -> None:
-        model, self.il_cached = train_proxy(ctx, 0, self.il_epochs(), tag=IL_TAG, split="holdout")
+        model, self.il_cached = train_proxy(ctx, 0, self.il_epochs(ctx), tag=IL_TAG, split="holdout")
         self.irreducible = irreducible_losses(model, ctx)
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        if self.irreducible is not None:  # prepare's, or a checkpoint's (loaded on the CPU)
+            self.irreducible = self.irreducible.to(ctx.device)
 
     def scores(self, batch: Batch, model: torch.nn.Module, step: Step) -> torch.Tensor:
         training = candidate_losses(model, batch.x, batch.y, self.ctx.protocol.label_smoothing, step)
@@ -88,7 +91,7 @@ class RhoLoss(OnlineSelection):
 
     def summary(self) -> dict:
         il = self.irreducible
-        return {"scores_cached": self.il_cached, "il_epochs": self.il_epochs(),
+        return {"scores_cached": self.il_cached, "il_epochs": self.il_epochs(self.ctx),
                 "irreducible_loss_mean": float(il.mean()) if il is not None else None}
 
     def state_dict(self) -> dict:  # a resumed run does not call prepare: the losses travel in the checkpoint
@@ -96,6 +99,5 @@ class RhoLoss(OnlineSelection):
                 "il_cached": self.il_cached}
 
     def load_state_dict(self, state: dict) -> None:
-        il = state["irreducible"]
-        self.irreducible = il.to(self.ctx.device) if il is not None else None
+        self.irreducible = state["irreducible"]  # moved to the device by setup
         self.il_cached = state["il_cached"]

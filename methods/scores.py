@@ -40,8 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core.registry import register
-from benchmarks.core.train import RunContext
+from benchmarks.api import RunContext, register
 from benchmarks.kit.pergrad import last_layer_grad_norms, per_example_grad_norms
 from benchmarks.kit.proxies import features_and_logits, per_example_pass, train_batches
 from benchmarks.kit.scoring import (

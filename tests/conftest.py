@@ -16,6 +16,21 @@ def quiet(*_args, **_kwargs) -> None:
     pass
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Tests stop what they start: the Slurm cluster a test brought up is stopped here, pass or fail, and
+    the session fails if a daemon is still alive afterwards (the check that none is left behind)."""
+    import slurm_support
+
+    if not slurm_support.STARTED_BY_TESTS:
+        return
+    left = slurm_support.stop_cluster()
+    if left:
+        print(f"\nERROR: Slurm daemons left running after the tests: {', '.join(left)}")
+        session.exitstatus = 1
+    else:
+        print("\nSlurm cluster started by the tests: stopped (no slurmctld or slurmd left)")
+
+
 @pytest.fixture
 def run_smoke(tmp_path):
     """Run one smoke-protocol run into tmp_path and return its record."""

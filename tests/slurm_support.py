@@ -86,10 +86,29 @@ def _wait_gone(job_id: str, timeout: float) -> None:
 
 
 # --------------------------------------------------------------- fixture ----
+DAEMONS = ("slurmctld", "slurmd")
+# Whether this test session started the cluster: it then stops it when the session ends (conftest.py),
+# pass or fail, so no daemon outlives the tests. A cluster that was up before the tests is left up.
+STARTED_BY_TESTS = False
+
+
+def running_daemons() -> list[str]:
+    """The Slurm daemons alive on this machine (zombies, which a container's PID 1 may leave, excluded)."""
+    alive = []
+    for name in DAEMONS:
+        proc = subprocess.run(["ps", "-C", name, "-o", "stat="], capture_output=True, text=True)
+        if any(not stat.startswith("Z") for stat in proc.stdout.split()):
+            alive.append(name)
+    return alive
+
+
 def start_cluster() -> str:
     """Start the cluster (idempotent); skip when Slurm is not installed at all, fail when it will not start."""
+    global STARTED_BY_TESTS
     if shutil.which("sbatch") is None:
         pytest.skip("Slurm is not installed (no 'sbatch' on PATH); apt-get install -y slurm-wlm munge")
+    if not running_daemons():
+        STARTED_BY_TESTS = True
     proc = subprocess.run(
         ["bash", str(SLURM_DIR / "cluster-up.sh")], capture_output=True, text=True, timeout=180
     )
@@ -98,3 +117,10 @@ def start_cluster() -> str:
             f"slurm/cluster-up.sh failed (rc={proc.returncode})\n{proc.stdout}\n{proc.stderr}", pytrace=False
         )
     return proc.stdout.strip()
+
+
+def stop_cluster() -> list[str]:
+    """Stop what start_cluster started (jobs cancelled, daemons and munged stopped); the daemons still alive."""
+    subprocess.run(["bash", str(SLURM_DIR / "cluster-down.sh"), "--cancel", "--munge"], capture_output=True,
+                   text=True, timeout=180)
+    return running_daemons()

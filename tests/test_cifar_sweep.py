@@ -11,7 +11,8 @@ import sys
 import pytest
 from test_data import write_cifar10
 
-from benchmarks.core.record import load_record, record_path
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import load_record
 from benchmarks.core.registry import list_methods
 from benchmarks.jobs.sweep import load_sweep, manifest_lines, sbatch_command, slurm_groups
 from slurm_support import REPO
@@ -21,7 +22,7 @@ def supervised_methods() -> set[str]:
     """Every supervised method but those for data with groups (JTT, Group DRO: their protocols are
     Waterbirds and spurious-fashion) and test-only ones."""
     return {name for name, cls in list_methods().items()
-            if cls.kind == "supervised" and not cls.for_groups and not name.startswith("test-")}
+            if cls.traits.kind == "supervised" and not cls.traits.for_groups and not name.startswith("test-")}
 
 
 def test_every_registered_supervised_method_has_a_block():
@@ -103,7 +104,7 @@ def test_quick_sweep_runs_every_block_end_to_end_on_cifar_format_data(tmp_path):
     lines = [json.loads(line) for line in (out / "sweeps" / "cifar10" / "manifest.jsonl").read_text().splitlines()]
     assert {line["method"] for line in lines} == supervised_methods()
     for line in lines:
-        record = load_record(record_path(out, line["run_id"]))
+        record = load_record(ResultsLayout(out).record(line["run_id"]))
         held_out = 8 if line["overrides"].get("holdout") else 0  # the online family holds out 10% of 80
         assert record["status"] == "complete" and record["n_train"] == 80 - held_out, line["method"]
         assert record["resolved_protocol"]["dataset"] == "cifar10"

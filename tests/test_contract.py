@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.api import Method, Selection
+from benchmarks.api import Method, Selection, Traits
 from benchmarks.core import train
 from benchmarks.core.compute import flop_counter
 from benchmarks.core.evaluation import accuracy
@@ -45,7 +45,7 @@ class TwoViewModel(torch.nn.Module):
 class TwoViewEMA(Method):
     """Test-only: cross-entropy on one view plus a consistency loss to an EMA target on a second view."""
 
-    augment_batches = False  # it draws its own views from batch.raw
+    traits = Traits(augment_batches=False)  # it draws its own views from batch.raw
 
     def build_model(self, ctx):
         return TwoViewModel(ctx.new_model("main"))
@@ -78,11 +78,11 @@ TWO_VIEW_SET = {"view_augment": [{"name": "random-resized-crop", "scale": [0.5, 
 
 @pytest.mark.parametrize("name", sorted(n for n in list_methods() if not n.startswith("test-")) + ["test-two-view"])
 def test_meter_equals_a_flop_counter_count_of_the_whole_run(tmp_path, name):
-    kind = list_methods()[name].kind
+    kind = list_methods()[name].traits.kind
     assert kind in SMOKE_PROTOCOL, f"no smoke protocol for {kind} methods: add one to SMOKE_PROTOCOL"
     overrides = TWO_VIEW_SET if name == "test-two-view" else {}
-    protocol = GROUPS_PROTOCOL if list_methods()[name].reads_train_groups else SMOKE_PROTOCOL[kind]
-    if list_methods()[name].needs_holdout:
+    protocol = GROUPS_PROTOCOL if list_methods()[name].traits.reads_train_groups else SMOKE_PROTOCOL[kind]
+    if list_methods()[name].traits.needs_holdout:
         overrides = dict(overrides, holdout=64)
     with flop_counter() as whole_run:
         record = execute(RunSpec(protocol, name, CHEAP_PARAMS.get(name, {}), 0, overrides), tmp_path, log=quiet)
@@ -203,9 +203,9 @@ def test_a_method_as_reference_costs_exactly_one(tmp_path):
 
 def test_unknown_or_unfitting_reference_is_a_bench_error():
     with pytest.raises(BenchError, match="unknown method 'nope'"):
-        RunSpec("smoke", "full", {}, 0, {"reference": "nope"}).resolved()
+        RunSpec("smoke", "full", {}, 0, {"reference": "nope"}).resolve()
     with pytest.raises(BenchError, match="supervised"):
-        RunSpec("smoke", "full", {}, 0, {"task": "self-supervised"}).resolved()
+        RunSpec("smoke", "full", {}, 0, {"task": "self-supervised"}).resolve()
 
 
 # -- the held-out split ----------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_bad_holdout_is_refused(value):
 class SelectSpy(Method):
     """Test-only: keeps the lower-loss half of a 2B candidate batch after a train-mode forward."""
 
-    candidate_multiplier = 2
+    traits = Traits(candidate_factor=2)
 
     def __init__(self, **params):
         super().__init__(**params)

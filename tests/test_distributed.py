@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.core.distributed import shard_of
-from benchmarks.core.record import record_path
+from benchmarks.core.layout import ResultsLayout
 from benchmarks.core.saved_models import load_saved_model
 from benchmarks.errors import BenchError
 from slurm_support import REPO, start_until
@@ -137,11 +137,11 @@ def test_two_rank_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_p
     reference = run(2, tmp_path / "ref", "uniform-epoch", "--set", "epochs=3", *LONG, seed=3)
     cut = tmp_path / "cut"
     kill_everything(_start_until(launch(2, *args, "--out", str(cut)), "epoch 1/3"), cut)
-    assert not record_path(cut, reference["run_id"]).exists()
+    assert not ResultsLayout(cut).record(reference["run_id"]).exists()
     resumed = subprocess.run(launch(2, *args, "--out", str(cut)), capture_output=True, text=True, cwd=REPO,
                              env=_env(), timeout=600)
     assert resumed.returncode == 0 and "resumed at epoch 1" in resumed.stdout, resumed.stdout + resumed.stderr
-    record = json.loads(record_path(cut, reference["run_id"]).read_text())
+    record = json.loads(ResultsLayout(cut).record(reference["run_id"]).read_text())
     assert record["metrics"] == reference["metrics"] and record["compute"] == reference["compute"]
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in record["curve"]]
     assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in reference["curve"]]
@@ -155,19 +155,19 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
     resumed = subprocess.run(launch(1, *args, "--out", str(cut)), capture_output=True, text=True, cwd=REPO,
                              env=_env(), timeout=600)
     assert resumed.returncode == 0 and "resumed at epoch 1" in resumed.stdout, resumed.stdout + resumed.stderr
-    record = json.loads(record_path(cut, reference["run_id"]).read_text())
+    record = json.loads(ResultsLayout(cut).record(reference["run_id"]).read_text())
     assert record["distributed"]["world_size"] == 1  # the rule: a checkpoint holds global state only
     same_compute(record, reference)
     assert record["metrics"]["test_acc"] == pytest.approx(reference["metrics"]["test_acc"], abs=0.01)
 
 
 def test_online_selection_with_views_is_refused_under_data_parallel():
-    from benchmarks.api import Method, Selection
+    from benchmarks.api import Method, Selection, Traits
     from benchmarks.core.protocol import load_protocol
     from benchmarks.core.train import check_distributable
 
     class SelectsWithViews(Method):
-        augment_batches = False
+        traits = Traits(augment_batches=False)
 
         def select(self, batch, model, step):
             return Selection(keep=torch.arange(1))
@@ -266,6 +266,6 @@ def test_a_slurm_array_task_runs_two_ranks_and_survives_its_warning_signal(clust
     text = log.read_text()
     assert "distributed run: 2 ranks" in text and "received SIGUSR1" in text, text
     assert f"requeued {job}_0" in text and "resumed at epoch" in text, text
-    record = json.loads(record_path(out, reference["run_id"]).read_text())
+    record = json.loads(ResultsLayout(out).record(reference["run_id"]).read_text())
     assert record["status"] == "complete" and record["distributed"]["world_size"] == 2
     assert record["metrics"] == reference["metrics"] and record["compute"] == reference["compute"]

@@ -182,14 +182,16 @@ def test_a_group_label_reader_needs_data_with_groups():
 
 def test_bench_runs_the_group_methods_by_default_only_where_the_data_has_groups(tmp_path, monkeypatch):
     import benchmarks.cli as cli
-    import benchmarks.core.run
+    from benchmarks.core.layout import ResultsLayout
+    from benchmarks.jobs.sweep import read_manifest
 
-    ran = []
-    monkeypatch.setattr(benchmarks.core.run, "execute", lambda spec, *a, **k: ran.append((spec.protocol, spec.method)))
-    monkeypatch.setattr(cli, "_job_tables", lambda *a, **k: 0)
     monkeypatch.setattr("benchmarks.jobs.preflight.check_runs", lambda *a, **k: None)
-    for protocol in ("smoke", GROUPS):
-        cli.main(["bench", "--protocol", protocol, "--seeds", "0", "--out", str(tmp_path), "--wandb", "off"])
+    ran = []
+    for protocol in ("smoke", GROUPS):  # the runs bench would run: its manifest, written by --dry-run
+        assert cli.main(["bench", "--protocol", protocol, "--seeds", "0", "--out", str(tmp_path), "--wandb", "off",
+                         "--dry-run"]) == 0
+        ran += [(line["protocol"], line["method"])
+                for line in read_manifest(ResultsLayout(tmp_path).manifest(f"bench-{protocol}"))]
     assert ("smoke", "full") in ran and not {("smoke", "jtt"), ("smoke", "group-dro")} & set(ran)
     assert {(GROUPS, "full"), (GROUPS, "jtt"), (GROUPS, "group-dro")} <= set(ran)
 
@@ -311,7 +313,7 @@ def test_group_dro_loss_is_the_weighted_sum_of_group_means_with_the_updated_weig
 
     ctx = build_context(load_protocol(GROUPS), 0, log=quiet, method="group-dro")
     method = GroupDRO(eta=0.5, adjustment=1.0)
-    method.ctx = ctx
+    method.setup(ctx)
     model = ctx.new_model("main")
     batch = next(iter(ctx.data.train.batches(torch.arange(64), 64)))
     per_example, logits = method.objective(model, batch)

@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 
-from benchmarks.api import Method, Selection
+from benchmarks.api import Method, Selection, Traits
 from benchmarks.core.compute import ComputeMeter, flop_counter
+from benchmarks.core.layout import ResultsLayout
 from benchmarks.core.optim import lr_at
 from benchmarks.core.protocol import load_protocol
-from benchmarks.core.record import load_record, record_path
+from benchmarks.core.record import load_record
 from benchmarks.core.registry import Param, create_method, register, resolve_params
 from benchmarks.core.run import RunSpec, execute
 from benchmarks.errors import BenchError, NonFiniteLoss
@@ -36,7 +37,7 @@ class NanLoss(Method):
 class FirstHalf(Method):
     """Test-only: online selection keeping the first half of each candidate batch of 2B."""
 
-    candidate_multiplier = 2
+    traits = Traits(candidate_factor=2)
     params = {"crash_at_epoch": Param(-1, "")}
 
     def __init__(self, **params):
@@ -158,7 +159,7 @@ def test_observe_sees_original_indices_of_the_plan(tmp_path):
 def test_finished_run_is_skipped(tmp_path):
     spec = RunSpec("smoke", "full", {}, 0, {"epochs": 1})
     first = execute(spec, tmp_path, log=quiet)
-    path = record_path(tmp_path, first["run_id"])
+    path = ResultsLayout(tmp_path).record(first["run_id"])
     mtime = path.stat().st_mtime_ns
     messages = []
     second = execute(spec, tmp_path, log=messages.append)
@@ -170,7 +171,7 @@ def test_nan_loss_writes_a_failed_record(tmp_path):
     spec = RunSpec("smoke", "test-nan", {}, 0, {})
     with pytest.raises(NonFiniteLoss, match="epoch 2"):
         execute(spec, tmp_path, log=quiet)
-    record = load_record(record_path(tmp_path, spec.run_id))
+    record = load_record(ResultsLayout(tmp_path).record(spec.run_id))
     assert record["status"] == "failed" and "NonFiniteLoss" in record["error"]
     assert len(record["curve"]) == 1  # the first epoch's curve is kept
 

@@ -10,11 +10,12 @@ import torch
 
 from benchmarks.api import StepInfo
 from benchmarks.core.compute import ComputeMeter
+from benchmarks.core.context import derive_seed
 from benchmarks.core.optim import lr_at
 from benchmarks.core.protocol import apply_overrides, load_protocol
 from benchmarks.core.registry import create_method
 from benchmarks.core.run import RunSpec, execute
-from benchmarks.core.train import RunContext, Trainer, derive_seed
+from benchmarks.core.train import RunContext, Trainer
 from benchmarks.data import load_data
 from methods.infobatch import InfoBatch, plan_from_scores, prune_epochs
 
@@ -27,8 +28,8 @@ def fake_ctx(n: int, epochs: int = 8, seed: int = 0):
 
 def method_with(scores, epochs: int = 8, seed: int = 0, **params) -> InfoBatch:
     method = create_method("infobatch", **params)
-    method.ctx = fake_ctx(len(scores), epochs, seed)
     method.load_state_dict({"scores": torch.as_tensor(scores, dtype=torch.float32), "skipped": {}})
+    method.setup(fake_ctx(len(scores), epochs, seed))
     return method
 
 
@@ -86,7 +87,7 @@ def test_all_equal_scores_prune_nothing(value, n):
 
 def test_first_epoch_trains_on_everything():
     method = create_method("infobatch")
-    method.ctx = fake_ctx(1000)
+    method.setup(fake_ctx(1000))
     plan = method.plan_epoch(0)  # fresh table: every score is the initial constant
     assert len(plan.indices) == 1000 and plan.info["pruned_share"] == 0.0
 
@@ -183,8 +184,8 @@ def test_state_dict_round_trip():
     assert state["scores"][0] != 99.0  # the saved state is a copy
 
     resumed = create_method("infobatch")
-    resumed.ctx = fake_ctx(len(SCORES))
     resumed.load_state_dict(state)
+    resumed.setup(fake_ctx(len(SCORES)))
     fresh = method_with(SCORES)
     for epoch in range(3):
         fresh.plan_epoch(epoch)
@@ -221,7 +222,8 @@ def test_lr_schedule_completes_in_a_pruned_run():
     ctx = RunContext(protocol=protocol, data=data, device=torch.device("cpu"), meter=ComputeMeter(),
                      seed=0, log=lambda *a: None)
     method = LrRecorder(prune_ratio=0.7, delta=1.0)
-    method.ctx, method.lrs = ctx, []
+    method.setup(ctx)
+    method.lrs = []
     trainer = Trainer(ctx, ctx.new_model("main"), method, evaluate=False)
     method.optimizer = trainer.optimizer
     trainer.fit()

@@ -49,3 +49,24 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
 def test_entry_modules_import_first(name):
     result = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_methods_import_only_the_contract_and_the_kit():
+    """A method module imports benchmarks.api, benchmarks.kit.* and benchmarks.errors, never the harness's
+    internals nor another method's module (DESIGN.md: the contract is the whole surface)."""
+    import ast
+    from pathlib import Path
+
+    allowed = ("benchmarks.api", "benchmarks.kit", "benchmarks.errors")
+    root = Path(methods.__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*root.glob("methods/*.py"), *root.glob("baselines/*.py")]):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if name.split(".")[0] in ("benchmarks", "methods", "baselines") and not name.startswith(allowed):
+                    offenders.append(f"{path.relative_to(root)}: {name}")
+    assert not offenders, offenders

@@ -18,9 +18,10 @@ from torch import nn
 from benchmarks.api import Step
 from benchmarks.core import train
 from benchmarks.core.compute import ComputeMeter
+from benchmarks.core.layout import ResultsLayout
 from benchmarks.core.models import create_model
 from benchmarks.core.protocol import apply_overrides, load_protocol
-from benchmarks.core.record import SCHEMA, load_records, record_path, write_record
+from benchmarks.core.record import SCHEMA, load_records, write_record
 from benchmarks.core.registry import create_method
 from benchmarks.core.run import RunSpec, build_context, execute
 from benchmarks.errors import BenchError
@@ -294,7 +295,7 @@ def candidate_batch(ctx, n=128, seed=0):
 
 def method_for(ctx, name, **params):
     method = create_method(name, **params)
-    method.ctx = ctx
+    method.setup(ctx)  # nothing to prepare for these tests' hooks; a prepare called after fills its state
     return method
 
 
@@ -437,9 +438,9 @@ def test_rho_loss_keeps_the_highest_reducible_losses_and_caches_its_model(tmp_pa
 def test_methods_needing_a_holdout_are_refused_without_one():
     for name in ("greats", "rho-loss"):
         with pytest.raises(BenchError, match=f"'{name}' needs a held-out split"):
-            RunSpec("smoke", name).resolved()
+            RunSpec("smoke", name).resolve()
     with pytest.raises(BenchError, match="val_batch=6 exceeds val_size=5"):
-        RunSpec("smoke", "greats", {"val_batch": 6}, 0, HOLDOUT).resolved()
+        RunSpec("smoke", "greats", {"val_batch": 6}, 0, HOLDOUT).resolve()
     with pytest.raises(BenchError, match="val_size=5 held-out examples"):
         method_for(smoke_context(holdout=3), "greats").validation_batch(0)
 
@@ -516,7 +517,7 @@ def write_run(out, rid, method, seed, acc, curve):
                                                         "full_flops": 1000},
               "wall_clock_s": 1.0, "curve": [dict(zip(("epoch", "flops", "step", "test_acc"), row)) for row in curve],
               "method_stats": {}, "error": None}
-    write_record(record_path(out, rid), record)
+    write_record(ResultsLayout(out).record(rid), record)
 
 
 def test_tables_and_plots_show_steps_to_target(tmp_path):

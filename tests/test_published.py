@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.cli import main
-from benchmarks.core.record import SCHEMA, record_path, write_record
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import SCHEMA, write_record
 from benchmarks.jobs.publish import GENERATED, rebuild
 from conftest import quiet
 from slurm_support import REPO
@@ -66,7 +67,7 @@ def record(rid: str, method: str, status: str = "complete") -> dict:
 def job(out: Path, name: str, runs: list[dict]) -> None:
     lines = []
     for r in runs:
-        write_record(record_path(out, r["run_id"]), r)
+        write_record(ResultsLayout(out).record(r["run_id"]), r)
         lines.append({"run_id": r["run_id"], "protocol": "toy", "method": r["method"], "params": {}, "seed": 0,
                       "overrides": {}, "group": name, "out": str(out)})
     manifest = out / "sweeps" / name / "manifest.jsonl"
@@ -80,7 +81,7 @@ def test_publish_copies_complete_records_once_across_sets(tmp_path, capsys):
     job(out, "bench-toy", [record("a", "full"), record("c", "el2n", status="failed")])
     assert main(["publish", "grid", "--out", str(out), "--to", str(to)]) == 0
     assert sorted(p.name for p in (to / "grid").iterdir()) == ["a.json", "b.json"]
-    assert (to / "grid" / "a.json").read_bytes() == record_path(out, "a").read_bytes()  # unchanged copies
+    assert (to / "grid" / "a.json").read_bytes() == ResultsLayout(out).record("a").read_bytes()  # unchanged copies
     assert main(["publish", "bench-toy", "--out", str(out), "--to", str(to)]) == 2  # a failed run: refused
     assert "1 of 2 runs of 'bench-toy' are not complete" in capsys.readouterr().err
     assert not (to / "bench-toy").exists()

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from benchmarks.core.record import RecordError, load_record, load_records, run_id, write_record
+from benchmarks.core.record import RecordError, load_record, load_records, write_record
+from benchmarks.core.spec import run_id
 
 FP = "0123456789abcdef"  # a protocol fingerprint (benchmarks.core.protocol.fingerprint)
 
@@ -25,7 +26,7 @@ def test_run_id_is_stable_and_sensitive():
 
 
 def test_run_id_is_pinned_across_processes():
-    code = f"from benchmarks.core.record import run_id; print(run_id('smoke', 'full', {{}}, 3, {{'epochs': 2}}, '{FP}'))"
+    code = f"from benchmarks.core.spec import run_id; print(run_id('smoke', 'full', {{}}, 3, {{'epochs': 2}}, '{FP}'))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == run_id("smoke", "full", {}, 3, {"epochs": 2}, FP)
 

@@ -19,8 +19,9 @@ import torch
 
 from benchmarks.cli import main
 from benchmarks.core import train
-from benchmarks.core.record import load_record, record_path, write_record
-from benchmarks.core.run import RunSpec, checkpoint_path, execute
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import load_record, write_record
+from benchmarks.core.run import RunSpec, execute
 from benchmarks.jobs import tasks
 from benchmarks.jobs.sweep import load_sweep, sweep_status, write_manifest
 from benchmarks.jobs.tasks import Marker, RequeueState, marker_alive, parse_slurm_time, requeue_decision
@@ -95,13 +96,13 @@ def test_sigkilled_task_is_interrupted_not_running_and_the_next_sweep_redoes_it(
     proc = _start_and_wait_for(["task", str(manifest), "0"], "epoch 1/3")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert tasks.running_marker(out, reference["run_id"]).exists()  # left behind, as a dead node leaves it
+    assert ResultsLayout(out).marker(reference["run_id"]).exists()  # left behind, as a dead node leaves it
     status = cli("status", "k", "--out", out)
     assert "interrupted" in status.stdout and "stale marker" in status.stdout and "running" not in status.stdout
     again = cli("sweep", spec, "--out", out)
     assert "1 to run, 0 already complete" in again.stdout and "summary: 1 complete" in again.stdout, again.stdout
-    same_results(load_record(record_path(out, reference["run_id"])), reference)
-    assert not tasks.running_marker(out, reference["run_id"]).exists()
+    same_results(load_record(ResultsLayout(out).record(reference["run_id"])), reference)
+    assert not ResultsLayout(out).marker(reference["run_id"]).exists()
 
 
 def test_a_task_whose_run_is_alive_elsewhere_does_not_start_a_second_copy(tmp_path):
@@ -110,13 +111,13 @@ def test_a_task_whose_run_is_alive_elsewhere_does_not_start_a_second_copy(tmp_pa
     manifest, [line] = write_manifest(load_sweep(spec), out)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        tasks.write_marker(tasks.running_marker(out, line["run_id"]),
+        tasks.write_marker(ResultsLayout(out).marker(line["run_id"]),
                            Marker(socket.gethostname(), holder.pid, tasks.process_start(holder.pid), None, time.time()))
         [(_, _, state, _)] = sweep_status(manifest)
         assert state == "running"
         result = cli("task", str(manifest), "0")
         assert result.returncode == 0 and "already running" in result.stdout
-        assert not record_path(out, line["run_id"]).exists() and not checkpoint_path(out, line["run_id"]).exists()
+        assert not ResultsLayout(out).record(line["run_id"]).exists() and not ResultsLayout(out).checkpoint(line["run_id"]).exists()
     finally:
         holder.kill()
         holder.wait()
@@ -174,8 +175,8 @@ def test_requeue_past_the_cap_ends_in_a_failed_record_that_says_why_and_keeps_th
     reference = execute(RunSpec("smoke", "uniform-epoch", {}, 3, LONG), tmp_path / "ref", log=quiet)
     spec = write_spec(tmp_path, LONG_SPEC)
     out = tmp_path / "cut"
-    manifest, _ = write_manifest(load_sweep(spec), out)
-    env = dict(fake_slurm(tmp_path, "1:00"), BENCH_MAX_REQUEUES="1")
+    manifest, _ = write_manifest(load_sweep(spec), out, settings={"max_requeues": 1})  # the line carries the cap
+    env = fake_slurm(tmp_path, "1:00")
     rid = reference["run_id"]
     for attempt in (1, 2):  # 1: a timeout, requeued (the first of at most 1); 2: past the cap
         proc = _start_and_wait_for(["task", str(manifest), "0"], "epoch 1/3" if attempt == 1 else "resumed at epoch",
@@ -184,13 +185,13 @@ def test_requeue_past_the_cap_ends_in_a_failed_record_that_says_why_and_keeps_th
         assert proc.wait(timeout=120) == (3 if attempt == 1 else 1)
         if attempt == 1:  # requeued: the marker stays (the task keeps its Slurm id), the run is not "missing"
             assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 41_0"
-            assert tasks.running_marker(out, rid).exists()
-    record = load_record(record_path(out, rid))
+            assert ResultsLayout(out).marker(rid).exists()
+    record = load_record(ResultsLayout(out).record(rid))
     assert record["status"] == "failed" and "cap (max_requeues=1)" in record["error"], record["error"]
-    assert checkpoint_path(out, rid).exists() and not tasks.running_marker(out, rid).exists()
+    assert ResultsLayout(out).checkpoint(rid).exists() and not ResultsLayout(out).marker(rid).exists()
     again = cli("task", str(manifest), "0")  # resubmitted (outside Slurm here): resumes, completes
     assert again.returncode == 0 and "resumed at epoch" in again.stdout, again.stdout + again.stderr
-    same_results(load_record(record_path(out, rid)), reference)
+    same_results(load_record(ResultsLayout(out).record(rid)), reference)
 
 
 # -- preemption inside prepare ------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_prepare_stopped_mid_epoch_by_sigusr1_resumes_where_it_stopped(tmp_path)
     again = cli("task", str(manifest), "0")
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"[score-proxy-0] resumed at epoch 1, step {steps}" in again.stdout, again.stdout
-    same_results(load_record(record_path(out, reference["run_id"])), reference)
+    same_results(load_record(ResultsLayout(out).record(reference["run_id"])), reference)
 
 
 # -- a protocol edit is a new run ---------------------------------------------------------------------
@@ -352,7 +353,7 @@ def _supervised_methods_with_prepare() -> list[str]:
     from benchmarks.core.registry import list_methods
 
     return [name for name, cls in list_methods().items()  # test-only methods of other test files excluded
-            if cls.kind == "supervised" and cls.prepare is not train.Method.prepare and not name.startswith("test-")]
+            if cls.traits.kind == "supervised" and cls.prepare is not train.Method.prepare and not name.startswith("test-")]
 
 
 @pytest.mark.parametrize("name", _supervised_methods_with_prepare())
@@ -365,8 +366,8 @@ def test_every_method_stopped_inside_prepare_resumes_to_the_same_result(name, tm
     from benchmarks.core.registry import method_class
 
     cls = method_class(name)
-    protocol = "smoke-groups" if cls.reads_train_groups else "smoke"  # an oracle needs data with groups
-    spec = RunSpec(protocol, name, _prepare_heavy(name), 0, {"holdout": 256} if cls.needs_holdout else {})
+    protocol = "smoke-groups" if cls.traits.reads_train_groups else "smoke"  # an oracle needs data with groups
+    spec = RunSpec(protocol, name, _prepare_heavy(name), 0, {"holdout": 256} if cls.traits.needs_holdout else {})
     original = train.Trainer._step
     steps = {"selection": 0, "stop_at": None}
 

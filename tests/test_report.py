@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from benchmarks.core.record import SCHEMA, load_records, record_path, write_record
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import SCHEMA, load_records, write_record
 from benchmarks.reporting.plots import write_plots
 from benchmarks.reporting.tables import (
     build_sections,
@@ -33,7 +34,7 @@ def write(out, rid, method, params, seed, acc, fraction, wall, curve, *, protoco
                           "full_flops": FULL_FLOPS},
               "wall_clock_s": wall, "curve": [dict(zip(("epoch", "flops", "test_acc"), row)) for row in curve],
               "method_stats": stats or {}, "error": None}
-    write_record(record_path(out, rid), record)
+    write_record(ResultsLayout(out).record(rid), record)
 
 
 UNIFORM = {"class_balanced": False, "fraction": 0.5}

@@ -322,7 +322,7 @@ def test_each_method_runs_end_to_end_with_honest_compute(tmp_path, name):
                                                 / compute["full_flops"], rel=1e-12)
     assert compute["fraction"] == pytest.approx(0.5 + compute["selection_flops"] / compute["full_flops"])
     # The same selection again, on a context without a cache, counted from outside as it runs.
-    protocol, _ = spec.resolved()
+    protocol = spec.resolve().protocol
     ctx = build_context(protocol, 0, log=quiet)
     method = create_method(name, **params)
     method.ctx = ctx

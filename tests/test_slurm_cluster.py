@@ -1,8 +1,8 @@
 """Tests against a real one-node Slurm cluster (no mocks).
 
 The module fixture runs ``slurm/cluster-up.sh`` (needs root and the Debian
-packages ``slurm-wlm munge``) and leaves the cluster running afterwards; stop
-it with ``bash slurm/cluster-down.sh``.  The tests are skipped only when the
+packages ``slurm-wlm munge``); a cluster the tests started is stopped when the
+test session ends (tests/conftest.py), pass or fail.  The tests are skipped only when the
 Slurm binaries are not installed at all; a cluster that fails to come up is a
 test failure.
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.core.record import load_record, load_records, record_path
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import load_record, load_records
 from benchmarks.core.run import execute
 from benchmarks.jobs.sweep import load_sweep, read_manifest, sweep_status
 from conftest import quiet
@@ -153,8 +154,8 @@ def test_random_signals_and_resubmission_end_with_every_record_identical(cluster
     text = _logs(str(out))
     identical = 0
     for line in read_manifest(manifest):
-        assert text.count(f"wrote record {record_path(line['out'], line['run_id'])}") == 1  # written once
-        same_results(load_record(record_path(out, line["run_id"])), references[(line["method"], line["seed"])])
+        assert text.count(f"wrote record {ResultsLayout(line['out']).record(line['run_id'])}") == 1  # written once
+        same_results(load_record(ResultsLayout(out).record(line["run_id"])), references[(line["method"], line["seed"])])
         identical += 1
     records, problems = load_records(out / "runs")
     assert problems == [] and len(records) == 6

@@ -328,7 +328,7 @@ def test_an_unknown_run_id_fails_with_one_clear_line(tmp_path):
 @pytest.mark.parametrize("prior", ["imagenet", "run:", "timm:", "timm:resnet18@"])
 def test_a_malformed_prior_fails_when_parameters_are_resolved(prior):
     with pytest.raises(BenchError, match="prior"):
-        RunSpec("smoke-ssl", "rela", {"prior": prior}, 0, {}).resolved()
+        RunSpec("smoke-ssl", "rela", {"prior": prior}, 0, {}).resolve()
 
 
 def test_a_timm_prior_from_a_local_weights_file_sees_pixels_as_it_was_trained(tmp_path):

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.core.record import load_record, record_path, write_record
-from benchmarks.core.run import RunSpec, checkpoint_path, execute
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import load_record, write_record
+from benchmarks.core.run import RunSpec, execute
 from benchmarks.errors import BenchError
 from benchmarks.jobs.sweep import compress_indices, load_sweep, sweep_status, write_manifest
 from conftest import quiet
@@ -108,7 +109,7 @@ def test_local_sweep_skips_complete_runs_and_reports_failures(tmp_path):
     # Damage one record: status and tables name it, and the sweep reruns only that run.
     manifest = tmp_path / "out" / "sweeps" / "t" / "manifest.jsonl"
     victim = json.loads(manifest.read_text().splitlines()[2])
-    record_path(out, victim["run_id"]).write_text('{"schema": 1, "run_')
+    ResultsLayout(out).record(victim["run_id"]).write_text('{"schema": 1, "run_')
     status = cli("status", "t", "--out", out)
     assert status.returncode == 0 and "corrupt" in status.stdout and victim["run_id"] in status.stdout
     tables = cli("tables", "--runs", out)
@@ -131,12 +132,12 @@ def test_sigkill_then_rerun_resumes_with_identical_results(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rid = reference["run_id"]
-    assert checkpoint_path(out, rid).exists() and not record_path(out, rid).exists()
+    assert ResultsLayout(out).checkpoint(rid).exists() and not ResultsLayout(out).record(rid).exists()
     resumed = cli("run", *args[1:])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed at epoch 1" in resumed.stdout
-    same_results(load_record(record_path(out, rid)), reference)
-    assert not checkpoint_path(out, rid).exists()  # deleted once complete
+    same_results(load_record(ResultsLayout(out).record(rid)), reference)
+    assert not ResultsLayout(out).checkpoint(rid).exists()  # deleted once complete
 
 
 def test_sigusr1_checkpoints_mid_epoch_and_resumes_identically(tmp_path):
@@ -154,14 +155,14 @@ name = "infobatch"
     proc = _start_and_wait_for(["task", str(manifest), "0"], FIRST_EPOCH_DONE)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == 3
-    partial = torch.load(checkpoint_path(out, reference["run_id"]), weights_only=False)["trainer"]["partial"]
+    partial = torch.load(ResultsLayout(out).checkpoint(reference["run_id"]), weights_only=False)["trainer"]["partial"]
     assert partial["epoch"] == 1 and partial["steps_done"] > 0  # stopped mid-epoch, not at its end
     rid = reference["run_id"]
     [(_, _, state, _)] = sweep_status(manifest)
     assert state == "interrupted"
     again = cli("task", str(manifest), "0")
     assert again.returncode == 0, again.stdout + again.stderr
-    same_results(load_record(record_path(out, rid)), reference)
+    same_results(load_record(ResultsLayout(out).record(rid)), reference)
 
 
 WRITER = """
@@ -239,7 +240,7 @@ name = "uniform-epoch"
     _wait_gone(job_id, timeout=240)
     text = log.read_text()
     assert "received SIGUSR1" in text and f"requeued {job_id}_0" in text and "resumed at epoch" in text, text
-    same_results(load_record(record_path(out, reference["run_id"])), reference)
+    same_results(load_record(ResultsLayout(out).record(reference["run_id"])), reference)
 
 
 def test_a_block_may_add_overrides_and_the_command_line_wins(tmp_path):

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from benchmarks.core.record import load_record, record_path
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import load_record
 from benchmarks.core.run import RunSpec, execute
 from benchmarks.jobs import wandb_logger
 from benchmarks.jobs.wandb_logger import WandbLogger, records_from_wandb, resolve_mode
@@ -172,7 +173,7 @@ def test_wandb_failing_on_init_leaves_training_and_the_record_intact(tmp_path, o
     messages = []
     record = execute(RunSpec("smoke", "full", {}, 0, {"epochs": 1}), tmp_path, log=messages.append,
                      progress=False, loggers=[WandbLogger(tmp_path, log=messages.append)])
-    assert record["status"] == "complete" and load_record(record_path(tmp_path, record["run_id"]))["metrics"]
+    assert record["status"] == "complete" and load_record(ResultsLayout(tmp_path).record(record["run_id"]))["metrics"]
     warnings = [m for m in messages if m.startswith("warning:")]
     assert len(warnings) == 1 and "WandbLogger.start failed" in warnings[0] and "server error 500" in warnings[0]
 

@@ -50,7 +50,7 @@ class WeightSpy(InfoBatch):
 def test_infobatch_weights_reach_the_loss_aligned_with_the_shuffled_order():
     ctx = smoke_ctx(epochs=3)  # floor(0.875 * 3) = 2 pruning epochs, then one on full data
     method = WeightSpy(prune_ratio=0.5, delta=0.875)
-    method.ctx = ctx
+    method.setup(ctx)
     Trainer(ctx, ctx.new_model("main"), method, evaluate=False).fit()
     assert {epoch for epoch, *_ in method.seen} == {0, 1, 2}
     reweighted = 0
@@ -119,7 +119,7 @@ def test_forgetting_end_to_end_over_epochs_where_events_happen(tmp_path):
     assert all(len(v) == epochs for v in log.outcomes.values())
     learned = torch.tensor([any(log.outcomes[i]) for i in range(ctx.num_train)])
     assert (expected[learned] > 0).sum() > 20  # events really happen in this run (at one epoch they cannot)
-    cached, info = compute_scores(build_context(spec.resolved()[0], 0, log=quiet, cache_dir=tmp_path / "cache"),
+    cached, info = compute_scores(build_context(spec.resolve().protocol, 0, log=quiet, cache_dir=tmp_path / "cache"),
                                   "forgetting", 1, epochs)
     assert info["cached"] == [True] and torch.equal(cached, expected)
     # the record's numbers follow from the same counts

@@ -93,12 +93,26 @@ class ComputeMeter:
     figures: dict = field(default_factory=dict)
     _open: list = field(default_factory=list, repr=False)
     _synced: dict | None = field(default=None, repr=False)  # the global totals at the last sync (data parallel)
+    _paused: int = field(default=0, repr=False)  # > 0: inside `paused()`
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work that is no charge of this run (a method's `setup` rebuilding, on a resume, what was charged
+        before the checkpoint): blocks inside measure nothing, store no figure and charge nothing."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     @contextmanager
     def measure(self, purpose: str, key: Hashable, examples: int = 0) -> Iterator[None]:
         """Charge the FLOPs of the block to `purpose`: counted the first time `key` is seen, reused after."""
         if purpose not in PURPOSES:
             raise ValueError(f"unknown purpose '{purpose}'")
+        if self._paused:
+            yield
+            return
         known = key in self.figures
         block = _Open(None if known else flop_counter())
         self._open.append(block)
@@ -120,7 +134,8 @@ class ComputeMeter:
         """Charge a cost measured elsewhere (a cached artefact holds what computing it cost)."""
         if purpose not in PURPOSES:
             raise ValueError(f"unknown purpose '{purpose}'")
-        self._charge(purpose, int(flops), examples)
+        if not self._paused:
+            self._charge(purpose, int(flops), examples)
 
     def _charge(self, purpose: str, flops: int, examples: int) -> None:
         self.flops[purpose] += flops

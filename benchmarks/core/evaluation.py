@@ -30,8 +30,8 @@ from benchmarks.api import Method, overrides
 from benchmarks.core.models import embed
 
 if TYPE_CHECKING:
+    from benchmarks.core.context import RunContext
     from benchmarks.core.distributed import Dist
-    from benchmarks.core.train import RunContext
 
 
 def autocast_for(ctx: RunContext):

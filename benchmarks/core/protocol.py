@@ -20,8 +20,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from benchmarks.core.augment import parse_pipeline
-from benchmarks.core.models import check_model_kwargs
 from benchmarks.errors import BenchError
 
 PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "protocols"
@@ -130,6 +128,12 @@ def _check_values(p: Protocol, where: str) -> None:
     def bad(key: str, why: str) -> BenchError:
         return BenchError(f"{where}: key '{key}' {why}, got {getattr(p, key)!r}")
 
+    from benchmarks.data.registry import dataset_entry  # here: importing a protocol need not load the readers
+
+    try:  # the built-ins and the installed plugins' datasets; an unknown name lists them
+        dataset_entry(p.dataset)
+    except BenchError as exc:
+        raise BenchError(f"{where}: {exc}") from None
     if p.epochs < 1:
         raise bad("epochs", "must be >= 1")
     if p.batch_size < 1:
@@ -152,6 +156,11 @@ def _check_values(p: Protocol, where: str) -> None:
         raise bad("eval_every", "must be >= 1")
     if not 0 < p.onecycle_pct_start < 1:
         raise bad("onecycle_pct_start", "must be in (0, 1)")
+    # The model and augmentation registries import torch: loaded here, when a protocol is checked, so that
+    # commands that only read TOML or records (status, tables, --help) start without it.
+    from benchmarks.core.augment import parse_pipeline
+    from benchmarks.core.models import check_model_kwargs
+
     try:
         check_model_kwargs(p.model, p.model_kwargs)
     except BenchError as exc:
@@ -194,11 +203,16 @@ def protocol_from_dict(data: dict, where: str) -> Protocol:
     return protocol
 
 
-# Fields that cannot change what a run computes: they stay out of its identity.
+# The one exclusion list of the protocol's fingerprint, field by field:
+# fields that cannot change what a run computes stay out of its identity (the run id) ...
 NOT_IN_IDENTITY = frozenset({"description", "seeds", "save_model"})
+# ... and these change a run's evaluation, accounting or reporting but never what a model TRAINED under
+# the protocol computes, so they stay out of the key of cached artefacts (proxies, scores, targets) too.
+EVALUATION_ONLY = frozenset({"eval_batch_size", "eval_every", "selection_rule", "budget", "evaluation",
+                             "probe_epochs", "probe_lr", "probe_batch_size", "probe_weight_decay", "reference"})
 
 
-def fingerprint(protocol: Protocol) -> str:
+def fingerprint(protocol: Protocol, *, artefacts: bool = False) -> str:
     """A hash of the protocol's resolved contents: every field that can change a run, at a value
     other than its default.
 
@@ -206,9 +220,13 @@ def fingerprint(protocol: Protocol) -> str:
     is run again instead of being skipped as complete. Fields at their defaults stay out, so adding a
     new field with a default that keeps today's behaviour does not orphan every stored record; a
     value written out equal to the default is the same protocol as one that leaves it out.
+
+    `artefacts=True`: the fingerprint that keys cached artefacts (benchmarks.kit.proxies), which also
+    leaves out the EVALUATION_ONLY fields: runs that differ only in those share their proxies.
     """
+    excluded = NOT_IN_IDENTITY | EVALUATION_ONLY if artefacts else NOT_IN_IDENTITY
     fields = {key: value for key, value in protocol.as_dict().items()
-              if key not in NOT_IN_IDENTITY and (key in _REQUIRED or value != _default(key))}
+              if key not in excluded and (key in _REQUIRED or value != _default(key))}
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -6,7 +6,6 @@ the old file or none, never half a file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.core.layout import ResultsLayout
 from benchmarks.errors import BenchError
 
 # 2: compute measured with flop_counter (train, selection, eval as executed); the reference method named.
@@ -27,29 +27,34 @@ class RecordError(Exception):
     """A record file that cannot be read (truncated, not JSON, missing keys)."""
 
 
-def run_id(protocol: str, method: str, params: dict, seed: int, overrides: dict, fingerprint: str) -> str:
-    """A stable hash of what defines a run; params should be resolved (defaults filled in).
+# Every record, complete or failed, has these fields in this order (new_record builds them all).
+IDENTITY_FIELDS = ("run_id", "protocol", "method", "params", "seed", "overrides", "budget", "group", "selection_rule",
+                   "reads_train_groups", "protocol_fingerprint", "resolved_protocol", "env", "distributed",
+                   "n_train", "holdout")
+OUTCOME_FIELDS = {"metrics": dict, "compute": None, "wall_clock_s": None, "train_seconds": None,
+                  "cached_seconds": None, "charged_seconds": None, "curve": list, "method_stats": dict, "error": None,
+                  "traceback": None}
 
-    `protocol` is the protocol's name and `fingerprint` the hash of its resolved contents
-    (benchmarks.core.protocol.fingerprint, overrides applied): an edited protocol file makes new runs, it
-    never finds the old records "complete" and reports them under the new settings.
-    """
-    key = json.dumps({"protocol": protocol, "fingerprint": fingerprint, "method": method, "params": params,
-                      "seed": seed, "overrides": overrides}, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+def new_record(identity: dict, status: str, **outcome: Any) -> dict:
+    """The one constructor of run records: `identity` (ResolvedRun.identity() plus group, env, distributed,
+    n_train, holdout; missing ones are None) and the outcome fields (unset ones take their empty value)."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown record status {status!r}")
+    unknown = sorted(set(outcome) - set(OUTCOME_FIELDS) - {"model_path"})
+    if unknown:
+        raise ValueError(f"not a record field: {unknown[0]}")
+    record = {"schema": SCHEMA, **{key: identity.get(key) for key in IDENTITY_FIELDS}, "status": status}
+    for key, empty in OUTCOME_FIELDS.items():
+        record[key] = outcome[key] if key in outcome else (empty() if callable(empty) else empty)
+    if "model_path" in outcome:
+        record["model_path"] = outcome["model_path"]
+    return record
 
 
 def params_label(params: dict) -> str:
     """A run's parameters as one sorted "k=v, k=v" string ("-" for none), as tables and paper files write them."""
     return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "-"
-
-
-def runs_dir(out: str | Path) -> Path:
-    return Path(out) / "runs"
-
-
-def record_path(out: str | Path, rid: str) -> Path:
-    return runs_dir(out) / f"{rid}.json"
 
 
 def current_umask() -> int:
@@ -90,7 +95,7 @@ def check_writable(out: str | Path, min_free: int = MIN_FREE_BYTES) -> None:
     """The results folder can take records and checkpoints: it exists or can be made, a file can be
     written there, and the disk has room. One BenchError line otherwise, before any training."""
     out = Path(out)
-    probe_dir = runs_dir(out)
+    probe_dir = ResultsLayout(out).runs
     existing = next((p for p in (probe_dir, *probe_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise BenchError(f"results folder '{out}': '{existing}' is a file, not a folder")

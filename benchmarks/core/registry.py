@@ -9,10 +9,13 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from benchmarks.api import Method
+from benchmarks.core.plugins import METHODS_GROUP, failures_note, load_plugins
 from benchmarks.errors import BenchError
+
+if TYPE_CHECKING:  # benchmarks.api imports this module (it re-exports Param and register)
+    from benchmarks.api import Method
 
 _METHODS: dict[str, type[Method]] = {}
 _PACKAGES_WITH_METHODS = ("baselines", "methods")
@@ -61,10 +64,32 @@ class Param:
         return value
 
 
+# Class flags that `traits = Traits(...)` replaced: a class still setting one would be silently ignored.
+_FORMER_FLAGS = ("kind", "needs_holdout", "reads_train_groups", "for_groups", "candidate_multiplier",
+                 "augment_batches", "select_updates_batchnorm", "unused_parameters", "single_process_only",
+                 "save_model", "headline_params")
+
+
+def check_traits(name: str, cls: type[Method]) -> None:
+    """A method's traits name its own parameters, and no former class flag is left (ValueError)."""
+    traits = cls.traits
+    for klass in cls.__mro__:
+        stale = sorted(set(vars(klass)) & set(_FORMER_FLAGS))
+        if stale:
+            raise ValueError(f"method '{name}': {klass.__name__} sets {', '.join(stale)} as class attributes; "
+                             "declare them in `traits = Traits(...)` (benchmarks.api)")
+    named = [traits.candidate_factor] if isinstance(traits.candidate_factor, str) else []
+    unknown = [p for p in (*named, *traits.headline_params) if p not in cls.params]
+    if unknown:
+        raise ValueError(f"method '{name}': traits name parameter(s) {', '.join(unknown)} that it does not have "
+                         f"(its parameters: {', '.join(cls.params) or 'none'})")
+
+
 def register(name: str):
     def decorate(cls: type[Method]) -> type[Method]:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method '{name}' registered twice")
+        check_traits(name, cls)
         cls.name = name
         _METHODS[name] = cls
         return cls
@@ -73,8 +98,11 @@ def register(name: str):
 
 
 def _load_all() -> None:
+    """The built-in packages (each imports all its modules), then the installed plugins' methods
+    (once per process; built-ins first, so a plugin reusing a built-in name is the one that fails)."""
     for package in _PACKAGES_WITH_METHODS:
         importlib.import_module(package)
+    load_plugins(METHODS_GROUP)
 
 
 def list_methods() -> dict[str, type[Method]]:
@@ -85,7 +113,7 @@ def list_methods() -> dict[str, type[Method]]:
 def method_class(name: str) -> type[Method]:
     methods = list_methods()
     if name not in methods:
-        raise BenchError(f"unknown method '{name}' (available: {', '.join(methods)})")
+        raise BenchError(f"unknown method '{name}' (available: {', '.join(methods)}){failures_note(METHODS_GROUP)}")
     return methods[name]
 
 

@@ -2,95 +2,44 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import io
 import platform
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from benchmarks.core import distributed
+from benchmarks.core.checkpoint import CheckpointRefused, load_checkpoint, save_checkpoint, set_aside
 from benchmarks.core.compute import ComputeMeter, compute_summary, count_flops, unmetered
 from benchmarks.core.distributed import Dist
-from benchmarks.core.protocol import Protocol, apply_overrides, fingerprint, load_protocol
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.protocol import Protocol
 from benchmarks.core.record import (
-    SCHEMA,
-    atomic_write_bytes,
     check_writable,
     is_complete,
     load_record,
-    record_path,
-    run_id,
+    new_record,
     write_record,
 )
-from benchmarks.core.registry import create_method, method_class, resolve_params
-from benchmarks.core.saved_models import model_path, save_model
-from benchmarks.core.train import Preempted, RunContext, Trainer
+from benchmarks.core.registry import create_method, method_class
+from benchmarks.core.saved_models import save_model
+from benchmarks.core.spec import RunSpec
+from benchmarks.core.train import Preempted, RunContext, Trainer, set_up
 from benchmarks.data import (
     carve_holdout,
     count_train_groups,
-    dataset_has_groups,
     hide_train_groups,
     load_data,
     restrict_train,
 )
 from benchmarks.data.splits import unhidden_groups
 from benchmarks.errors import BenchError
-
-
-@dataclass
-class RunSpec:
-    """What defines a run; its id is a hash of exactly these fields (params with defaults filled in)."""
-
-    protocol: str
-    method: str
-    params: dict = field(default_factory=dict)
-    seed: int = 0
-    overrides: dict = field(default_factory=dict)
-
-    def resolved(self) -> tuple[Protocol, dict]:
-        protocol = apply_overrides(load_protocol(self.protocol), self.overrides)
-        params = resolve_params(self.method, self.params)
-        check_fit(protocol, self.method)
-        return protocol, params
-
-    @property
-    def run_id(self) -> str:
-        protocol, params = self.resolved()
-        return spec_run_id(protocol, self, params)
-
-
-def spec_run_id(protocol: Protocol, spec: RunSpec, params: dict) -> str:
-    """The run id: the protocol by name AND by resolved contents, so an edited protocol file is a new run."""
-    return run_id(protocol.name, spec.method, params, spec.seed, spec.overrides, fingerprint(protocol))
-
-
-def check_fit(protocol: Protocol, method: str) -> None:
-    """The method and the protocol's reference suit the protocol's task, a method that reads training
-    group labels gets data that has them, and one that needs a held-out split gets one (BenchError
-    otherwise)."""
-    for name, role in ((method, "method"), (protocol.reference, "reference method")):
-        kind = method_class(name).kind
-        if kind != protocol.task:
-            raise BenchError(f"{role} '{name}' is {kind} and protocol '{protocol.name}' is {protocol.task}; "
-                             f"`python -m benchmarks list` shows which methods fit which protocols")
-        if method_class(name).reads_train_groups and not dataset_has_groups(protocol.dataset, protocol.data_kwargs):
-            raise BenchError(f"{role} '{name}' reads training group labels and protocol '{protocol.name}' "
-                             f"(dataset {protocol.dataset}) has none; use a protocol with groups "
-                             "(waterbirds, spurious-fashion)")
-        if method_class(name).needs_holdout and protocol.holdout == 0:
-            raise BenchError(f"{role} '{name}' needs a held-out split and protocol '{protocol.name}' has none; "
-                             f"set one, e.g. --set holdout=0.1 (a fraction) or holdout=5000 (a count)")
-
-
-def checkpoint_path(out: str | Path, rid: str) -> Path:
-    return Path(out) / "checkpoints" / f"{rid}.pt"
 
 
 def pick_device(requested: str | None, dist: Dist | None = None) -> torch.device:
@@ -155,7 +104,7 @@ def build_context(protocol: Protocol, seed: int, *, data_root: str | None = None
     data = carve_holdout(data, protocol.holdout_size(len(data.train)),
                          RunContext(protocol, data, dev, ComputeMeter(), seed).generator("holdout"))
     data = count_train_groups(data)
-    if method is None or not method_class(method).reads_train_groups:
+    if method is None or not method_class(method).traits.reads_train_groups:
         data = hide_train_groups(data, method or "(none named)")
     for name in ("train", "test", "val", "holdout"):
         if getattr(data, name) is not None:
@@ -172,11 +121,11 @@ def reference_flops(ctx: RunContext) -> int:
     measured with flop_counter on a throwaway model for a full batch and for the epoch's last partial
     batch, and multiplied by the steps of the protocol's epochs over all N training examples. The
     probe is bookkeeping, no method's work: it runs outside every counter and leaves the run's
-    random state as it was.
+    random state as it was. The throwaway method gets `setup` (what its objective may read), never
+    `prepare`.
     """
     protocol = ctx.protocol
     reference = create_method(protocol.reference)
-    reference.ctx = ctx
     n, size = ctx.num_train, min(protocol.batch_size, ctx.num_train)
     steps = {size: n // size}
     if n % size:
@@ -185,6 +134,7 @@ def reference_flops(ctx: RunContext) -> int:
     per_epoch = 0
     with unmetered(), torch.random.fork_rng(devices=devices):
         model = reference.build_model(ctx) or ctx.new_model("reference-probe")
+        set_up(reference, ctx)
         trainer = Trainer(ctx, model.train(), reference, evaluate=False, tag="reference-probe")
         for batch_size, count in steps.items():
             batch = next(iter(trainer.batches(torch.arange(batch_size), batch_size, torch.Generator().manual_seed(0))))
@@ -233,12 +183,6 @@ def example_sets_by_group(method, ctx: RunContext) -> dict:
         stats[f"{name}_share_of_group"] = [round(c / t, 6) if t else None
                                            for c, t in zip(counts.tolist(), totals.tolist())]
     return stats
-
-
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 class RunLogger:
@@ -297,14 +241,15 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
 
     Bad input raises BenchError before anything is written. Once training starts, any error ends
     in a record with status "failed" and the error, then re-raises. `group` names the sweep.
-    `save` keeps the final model (as do the protocol's save_model and a method's class flag).
+    `save` keeps the final model (as do the protocol's save_model and a method's traits.save_model).
     """
-    protocol, params = spec.resolved()
-    rid = spec_run_id(protocol, spec, params)
-    path = record_path(out, rid)
+    run = spec.resolve()
+    protocol, params, rid = run.protocol, run.params, run.run_id
+    layout = ResultsLayout(out)
+    path = layout.record(rid)
     dev = pick_device(device)  # a device that does not exist is an error even where the run would be skipped
-    save = save or protocol.save_model or method_class(spec.method).save_model
-    if not force and is_complete(path) and not (save and not model_path(out, rid).exists()):
+    save = save or protocol.save_model or method_class(spec.method).traits.save_model
+    if not force and is_complete(path) and not (save and not layout.model(rid).exists()):
         log(f"skip {rid}: a complete record exists at {path}")
         return load_record(path)
     dist = distributed.setup(dev.type)  # None for one process
@@ -316,21 +261,19 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
     started = time.perf_counter()  # wall-clock includes loading the data
     # What the run needs is checked before anything is written: the data (missing or damaged files are
     # bad input, not a failed run) and a results folder that can take records and checkpoints.
-    ctx = build_context(protocol, spec.seed, data_root=data_root, device=str(dev), cache_dir=Path(out) / "cache",
+    ctx = build_context(protocol, spec.seed, data_root=data_root, device=str(dev), cache_dir=layout.cache,
                         results_dir=out, log=log, progress=progress, method=spec.method)
     check_writable(out)
-    base = {"schema": SCHEMA, "run_id": rid, "protocol": protocol.name, "method": spec.method,
-            "params": params, "seed": spec.seed, "overrides": spec.overrides, "budget": protocol.budget,
-            "group": group, "selection_rule": protocol.selection_rule,
-            "reads_train_groups": method_class(spec.method).reads_train_groups,
-            "protocol_fingerprint": fingerprint(protocol), "resolved_protocol": protocol.as_dict(),
-            "env": environment(dev),
-            "distributed": {"world_size": dist.world_size if dist else 1, "backend": dist.backend if dist else None,
-                            "sync_batchnorm": bool(dist and protocol.sync_batchnorm)}}
+    identity = dict(run.identity(), group=group, env=environment(dev),
+                    distributed={"world_size": dist.world_size if dist else 1,
+                                 "backend": dist.backend if dist else None,
+                                 "sync_batchnorm": bool(dist and protocol.sync_batchnorm)})
     earlier_seconds = 0.0  # wall-clock of the attempts before a resume (preempted, killed)
     logging_seconds = 0.0  # W&B's own time is not the method's
-    ckpt_path = checkpoint_path(out, rid)
-    save_checkpoint = _save_checkpoint if main else _no_checkpoint
+    ckpt_path = layout.checkpoint(rid)
+    # Checked before anything is written: a checkpoint that cannot be used stops the run (see _read_checkpoint).
+    saved_state = _read_checkpoint(ckpt_path, rid, ctx, force=force, main=main, log=log)
+    write_checkpoint = functools.partial(save_checkpoint, owner=rid) if main else _no_checkpoint
     trainer = None
 
     def wall_clock() -> float:
@@ -338,11 +281,10 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
 
     try:
         method = create_method(spec.method, **params)
-        method.ctx = ctx
         full_flops = reference_flops(ctx)
         trainer = Trainer(ctx, method.build_model(ctx) or ctx.new_model("main"), method, purpose="train",
                           evaluate=True, dist=dist)
-        resumed = _resume(ckpt_path, ctx, trainer, log)
+        resumed = _resume(saved_state, ckpt_path, ctx, trainer)
         if resumed:
             earlier_seconds = resumed["elapsed_s"]
         else:
@@ -353,38 +295,42 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
                 _prepare_once(method, ctx, dist)
             ctx.meter.sync(dist)
             trainer.state.seconds += time.perf_counter() - prepare_started
-            save_checkpoint(ckpt_path, _checkpoint(ctx, trainer, wall_clock()))
+        # Every process start, once the method's state is complete (prepared, or loaded from the
+        # checkpoint or from rank 0): the method restores what the checkpoint does not hold. Uncharged.
+        set_up(method, ctx)
+        if not resumed:
+            write_checkpoint(ckpt_path, _checkpoint(ctx, trainer, wall_clock()))
         log(f"run {rid}: {protocol.name} / {spec.method} {params} seed {spec.seed} on {dev}"
             + (f" (resumed at epoch {trainer.state.epoch})" if resumed else ""))
 
         n_train = ctx.num_train
-        base.update(n_train=n_train, holdout=_holdout_info(ctx))
-        logging_seconds += _call_loggers(loggers, "start", dict(base, n_train=n_train, fresh=force,
+        identity.update(n_train=n_train, holdout=_holdout_info(ctx))
+        logging_seconds += _call_loggers(loggers, "start", dict(identity, fresh=force,
                                                                 resumed_at_epoch=trainer.state.epoch), log=log)
 
         def end_of_epoch(t: Trainer) -> None:
-            save_checkpoint(ckpt_path, _checkpoint(ctx, t, wall_clock()))
+            write_checkpoint(ckpt_path, _checkpoint(ctx, t, wall_clock()))
             nonlocal logging_seconds
             logging_seconds += _call_loggers(loggers, "log_epoch", t.state.curve[-1], full_flops, log=log)
 
         trainer.fit(on_epoch_end=end_of_epoch)
         if dist is not None:  # every rank should have made the same decisions: say whether they did
             digests = dist.gather_objects(_digest(method.state_dict()))
-            base["distributed"].update(method_state_sha256=digests, ranks_agree=len(set(digests)) == 1)
+            identity["distributed"].update(method_state_sha256=digests, ranks_agree=len(set(digests)) == 1)
         wall = wall_clock()
-        record = dict(base, status="complete",
-                      metrics=final_metrics(trainer.state.curve, protocol.selection_rule),
-                      compute=compute_summary(ctx.meter, full_flops, protocol.reference),
-                      wall_clock_s=round(wall, 3), train_seconds=round(trainer.state.seconds, 3),
-                      cached_seconds=round(ctx.cached_seconds, 3),
-                      charged_seconds=round(wall + ctx.cached_seconds, 3), curve=trainer.state.curve,
-                      method_stats={**method.summary(), **example_sets_by_group(method, ctx)}, error=None)
+        record = new_record(identity, "complete",
+                            metrics=final_metrics(trainer.state.curve, protocol.selection_rule),
+                            compute=compute_summary(ctx.meter, full_flops, protocol.reference),
+                            wall_clock_s=round(wall, 3), train_seconds=round(trainer.state.seconds, 3),
+                            cached_seconds=round(ctx.cached_seconds, 3),
+                            charged_seconds=round(wall + ctx.cached_seconds, 3), curve=trainer.state.curve,
+                            method_stats={**method.summary(), **example_sets_by_group(method, ctx)})
         if save:
-            saved = model_path(out, rid)
+            saved = layout.model(rid)
             if main:
                 save_model(saved, trainer.model, method.backbone(trainer.model),
                            {k: record[k] for k in ("run_id", "protocol", "method", "params", "seed", "overrides",
-                                                   "resolved_protocol", "metrics")})
+                                                   "resolved_protocol", "metrics")}, ctx)
             record["model_path"] = str(saved)
         if main:
             write_record(path, record)
@@ -397,7 +343,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
         # Not a failure: save where training stopped (mid-epoch included) and let the caller requeue.
         # Stopped inside `prepare`, there is nothing consistent to save: prepare starts over.
         if ckpt_path.exists():
-            save_checkpoint(ckpt_path, _checkpoint(ctx, trainer, wall_clock()))
+            write_checkpoint(ckpt_path, _checkpoint(ctx, trainer, wall_clock()))
             log(f"preempted: {rid} checkpointed at epoch {trainer.state.epoch}"
                 + (f", step {trainer.partial.steps_done} of the next" if trainer.partial else "")
                 + f" ({ckpt_path})")
@@ -405,42 +351,71 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
             log(f"preempted in prepare: {rid} will redo prepare from its cached artefacts and partial proxies")
         raise
     except Exception as exc:
-        record = dict(base, status="failed", metrics={}, compute=None, wall_clock_s=round(wall_clock(), 3),
-                      curve=trainer.state.curve if trainer else [],
-                      error=f"{type(exc).__name__}: {exc}",
-                      traceback=None if isinstance(exc, BenchError) else traceback.format_exc())
+        record = new_record(identity, "failed", wall_clock_s=round(wall_clock(), 3),
+                            curve=trainer.state.curve if trainer else [], error=f"{type(exc).__name__}: {exc}",
+                            traceback=None if isinstance(exc, BenchError) else traceback.format_exc())
         if main:
             write_record(path, record)
         _call_loggers(loggers, "finish", record, log=log)
         raise
 
 
-def write_failed_record(spec: RunSpec, out: str | Path, error: str, *, group: str | None = None) -> dict:
+def write_failed_record(spec: RunSpec, out: str | Path, error: str, *, group: str | None = None,
+                        device: str | None = None) -> dict:
     """A failed record for a run stopped from outside its training (a refused requeue, data the task could
     not load): status "failed" with the reason. Its checkpoint is kept, so running it again resumes."""
-    protocol, params = spec.resolved()
-    rid = spec_run_id(protocol, spec, params)
-    record = {"schema": SCHEMA, "run_id": rid, "protocol": protocol.name, "method": spec.method, "params": params,
-              "seed": spec.seed, "overrides": spec.overrides, "budget": protocol.budget, "group": group,
-              "protocol_fingerprint": fingerprint(protocol), "resolved_protocol": protocol.as_dict(),
-              "status": "failed", "metrics": {}, "compute": None, "curve": [], "error": error, "traceback": None}
-    write_record(record_path(out, rid), record)
+    run = spec.resolve()
+    dist = distributed.current()  # a data-parallel task's rank 0 writes it for every rank
+    identity = dict(run.identity(), group=group, env=environment(pick_device(device, dist)),
+                    distributed={"world_size": dist.world_size if dist else 1,
+                                 "backend": dist.backend if dist else None,
+                                 "sync_batchnorm": bool(dist and run.protocol.sync_batchnorm)})
+    record = new_record(identity, "failed", error=error)
+    write_record(ResultsLayout(out).record(run.run_id), record)
     return record
 
 
-def _resume(ckpt_path: Path, ctx: RunContext, trainer: Trainer, log) -> dict | None:
+CHECKPOINT_KEYS = ("meter", "cached_seconds", "trainer", "elapsed_s")  # what _checkpoint writes
+
+
+def _read_checkpoint(path: Path, rid: str, ctx: RunContext, *, force: bool, main: bool, log) -> dict | None:
+    """The run's checkpoint (read safely, checked to be this run's: benchmarks/core/checkpoint.py), or None to
+    start fresh: when there is none, or when --force is given and the one there cannot be used.
+
+    A checkpoint that cannot be used (refused by the safe loader, damaged, of another run, incomplete) stops
+    the run with one line (exit status 2) and is left as it is: it may hold days of training that a fix of
+    the code would resume. --force moves it aside to `<run_id>.pt.refused` (kept, for a look) and starts over.
+    """
+    try:
+        return load_checkpoint(path, rid, CHECKPOINT_KEYS, map_location=ctx.device,
+                               advice="nothing was changed: pass --force to set it aside and start this run "
+                                      "fresh, or move it away yourself")
+    except CheckpointRefused as refusal:
+        if not force:
+            raise
+        if main:  # data parallel: rank 0 moves it; another rank reads either the refused file or none
+            try:
+                aside = set_aside(path)
+            except FileNotFoundError:
+                return None
+            log(f"--force: checkpoint {path} set aside as {aside} ({refusal.reason}); starting fresh")
+        return None
+
+
+def _resume(payload: dict | None, path: Path, ctx: RunContext, trainer: Trainer) -> dict | None:
     """The checkpoint's bookkeeping (elapsed wall-clock) after loading it into ctx and trainer; None if none."""
-    if not ckpt_path.exists():
+    if payload is None:
         return None
     try:
-        payload = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint means starting over, said out loud
-        log(f"warning: checkpoint {ckpt_path} unreadable ({exc}); starting from scratch")
-        return None
-    ctx.meter = ComputeMeter.from_state(payload["meter"])
-    ctx.cached_seconds = payload.get("cached_seconds", 0.0)
-    trainer.load_state_dict(payload["trainer"])
-    return {"elapsed_s": payload.get("elapsed_s", 0.0)}
+        trainer.load_state_dict(payload["trainer"])
+        ctx.meter = ComputeMeter.from_state(payload["meter"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        # The file is this run's, but its state does not fit the trainer or the method: the code changed.
+        raise CheckpointRefused(path, f"its state does not fit this run ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); "
+                                "written by another version of the code?", "remove it to start this run over") from None
+    ctx.cached_seconds = payload["cached_seconds"]
+    return {"elapsed_s": payload["elapsed_s"]}
 
 
 def _quiet(*_args, **_kwargs) -> None:

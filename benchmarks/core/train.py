@@ -18,20 +18,17 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.api import Batch, EpochPlan, Method, Selection, Step, StepInfo, overrides
+from benchmarks.api import Batch, EpochPlan, Method, Selection, Step, StepInfo, cross_entropy, overrides
 from benchmarks.core.augment import Views, parse_pipeline
-from benchmarks.core.compute import ComputeMeter
+from benchmarks.core.compute import unmetered
+from benchmarks.core.context import RunContext
 from benchmarks.core.distributed import Dist
 from benchmarks.core.evaluation import autocast_for, evaluate_model
-from benchmarks.core.models import create_model
 from benchmarks.core.optim import lr_at, make_optimizer, set_lr
 from benchmarks.core.protocol import Protocol
-from benchmarks.data import DataBundle
 from benchmarks.errors import BenchError, NonFiniteLoss
 
 NAN_CHECK_EVERY = 25  # steps between finiteness checks of the loss (each check syncs a GPU)
@@ -43,11 +40,6 @@ STOP = threading.Event()
 
 class Preempted(Exception):
     """Training stopped on request; the trainer's state is complete up to the last step."""
-
-
-def derive_seed(seed: int, *tags) -> int:
-    digest = hashlib.sha256(repr((seed, *tags)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -74,56 +66,25 @@ class EpochProgress:
     loss_sum: float = 0.0
 
 
-@dataclass
-class RunContext:
-    """What a method sees: the protocol, the data, the device, the meter and seeded randomness."""
-
-    protocol: Protocol
-    data: DataBundle
-    device: torch.device
-    meter: ComputeMeter
-    seed: int
-    log: Callable[[str], None] = print
-    progress: bool = False
-    cache_dir: Path | None = None  # where methods may cache expensive artefacts (scores), shared by runs
-    results_dir: Path | None = None  # the run's results folder: models saved by earlier runs are found there
-    cached_seconds: float = 0.0  # seconds that cached artefacts cost when they were computed
-
-    @property
-    def num_train(self) -> int:
-        return len(self.data.train)
-
-    def seed_for(self, *tags) -> int:
-        return derive_seed(self.seed, *tags)
-
-    def generator(self, *tags) -> torch.Generator:
-        """A CPU generator determined by (seed, tags): the same draws on every rank and every resume."""
-        return torch.Generator().manual_seed(self.seed_for(*tags))
-
-    def new_model(self, *tags, **model_kwargs) -> torch.nn.Module:
-        """A freshly initialised model of the protocol, its initialisation determined by (seed, tags).
-
-        `model_kwargs` override the protocol's (a method building a backbone without a classifier
-        passes num_classes=0 where the model supports it).
-        """
-        kwargs = dict(in_chans=self.data.input_shape[0], num_classes=self.data.num_classes,
-                      pretrained=self.protocol.pretrained, pretrained_file=self.protocol.pretrained_file,
-                      **self.protocol.model_kwargs)
-        kwargs.update(model_kwargs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed_for("model", *tags))
-            model = create_model(self.protocol.model, **kwargs)
-        return model.to(self.device)
-
-
 def per_example_cross_entropy(protocol: Protocol) -> Callable:
+    """The base objective under `protocol` (what Method.objective computes, without a method's context)."""
     def objective(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch.x)
-        loss = F.cross_entropy(logits.float(), batch.y, reduction="none",
-                               label_smoothing=protocol.label_smoothing)
-        return loss, logits
+        return cross_entropy(model, batch, protocol.label_smoothing)
 
     return objective
+
+
+def set_up(method: Method, ctx: RunContext) -> None:
+    """Call `method.setup(ctx)` as the contract says (benchmarks/api.py): never charged. The meter is
+    paused (nothing is measured or charged) and no outer FLOP counter sees it.
+
+    The global RNG is left to the method, as any hook's: setup draws from ctx.generator. (It is not
+    forked here: a draw that a method made at this point before setup existed, such as a streaming
+    split's loader seeding itself, must stay where it was for a fresh run to give the same result.)"""
+    with unmetered(), ctx.meter.paused():
+        method.setup(ctx)
+    if method.ctx is not ctx:
+        raise TypeError(f"{type(method).__name__}.setup must call super().setup(ctx) (it stores self.ctx)")
 
 
 def check_distributable(protocol: Protocol, method: Method, device: torch.device) -> None:
@@ -131,9 +92,9 @@ def check_distributable(protocol: Protocol, method: Method, device: torch.device
     if protocol.sync_batchnorm and device.type != "cuda":
         raise BenchError("sync_batchnorm needs CUDA: torch's SyncBatchNorm runs on GPUs only "
                          "(drop --set sync_batchnorm=true to keep per-rank BatchNorm statistics)")
-    if method.single_process_only:
-        raise BenchError(f"method '{method.name}' runs in one process only: {method.single_process_only}")
-    if overrides(method, "select") and not method.augment_batches:
+    if method.traits.single_process_only:
+        raise BenchError(f"method '{method.name}' runs in one process only: {method.traits.single_process_only}")
+    if overrides(method, "select") and not method.traits.augment_batches:
         raise BenchError(f"method '{method.name}' selects online and draws its own views: its ranks would draw "
                          "different views; run it in one process")
 
@@ -186,8 +147,11 @@ class Trainer:
         self.optimizer = make_optimizer(self.protocol, model)
         self.use_amp = self.protocol.amp and ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
-        self.objective = method.objective or per_example_cross_entropy(self.protocol)
-        self.augment = parse_pipeline(self.protocol.augment if method.augment_batches else [],
+        # The base objective runs under this trainer's protocol: a helper method (a proxy's observer)
+        # that keeps it needs no context.
+        self.objective = method.objective if overrides(method, "objective") \
+            else per_example_cross_entropy(self.protocol)
+        self.augment = parse_pipeline(self.protocol.augment if method.traits.augment_batches else [],
                                       "augment", self.protocol.augment_defaults())
         self.hooks = {hook: overrides(method, hook) for hook in ("select", "after_step", "observe")}
         self.state = TrainState()
@@ -198,7 +162,7 @@ class Trainer:
 
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.step_module = DistributedDataParallel(self.step_module, device_ids=device_ids,
-                                                       find_unused_parameters=method.unused_parameters)
+                                                       find_unused_parameters=method.traits.unused_parameters)
 
     def autocast(self):
         return autocast_for(self.ctx)
@@ -245,7 +209,7 @@ class Trainer:
             raise ValueError(f"epoch {epoch}: the method planned no examples")
         target = n_plan
         if self.purpose == "train" and self.protocol.budget == "iterations":
-            target = self.ctx.num_train * self.method.candidate_multiplier
+            target = self.ctx.num_train * self.method.candidate_factor()
         positions = torch.cat([torch.randperm(n_plan, generator=generator)
                                for _ in range(-(-target // n_plan))])[:target]
         weights = plan.weights[positions] if plan.weights is not None else None
@@ -282,7 +246,7 @@ class Trainer:
         progress = self.partial if self.partial is not None and self.partial.epoch == epoch \
             else self._begin_epoch(epoch)
         self.partial = None
-        batch_size = protocol.batch_size * self.method.candidate_multiplier
+        batch_size = protocol.batch_size * self.method.candidate_factor()
         steps_this_epoch = -(-len(progress.order) // batch_size)
         generator = torch.Generator().set_state(progress.augment_rng.cpu())
         first = progress.steps_done * batch_size
@@ -393,7 +357,7 @@ class Trainer:
         return losses, logits
 
     def _select(self, batch: Batch, step: Step) -> tuple[Batch, Selection | None]:
-        kept_bn = batchnorm_statistics_kept(self.model) if not self.method.select_updates_batchnorm else nullcontext()
+        kept_bn = batchnorm_statistics_kept(self.model) if not self.method.traits.select_updates_batchnorm else nullcontext()
         with self.ctx.meter.measure("selection", (self.tag, "select", tuple(batch.x.shape)),
                                     examples=len(batch.y)), kept_bn:
             selection = self.method.select(batch, self.model, step)

@@ -3,6 +3,12 @@
 Every dataset looks in the same order: `--data-root`, then `$BENCH_DATA`, then well-known local
 copies (Debian's dataset-fashion-mnist), then a download where the dataset allows it. If none works,
 one error says where it looked and what to do.
+
+Datasets are found by name in benchmarks/data/registry.py: the built-ins are registered at the end of
+this module, plugins' through the entry-point group `data_efficiency_bench.datasets`.
+
+The splits module (which imports benchmarks.api) is imported inside functions only: benchmarks.api
+re-exports register_dataset, and importing this package must not need benchmarks.api half-loaded.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from benchmarks.data import sources, spurious, waterbirds
-from benchmarks.data.splits import StreamingSplit, TensorSplit
+from benchmarks.data import image_folder, sources, spurious, waterbirds
+from benchmarks.data.registry import dataset_entry, register_dataset
 from benchmarks.errors import BenchError
+
+if TYPE_CHECKING:
+    from benchmarks.data.splits import StreamingSplit, TensorSplit
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "data-efficiency-bench"
 
@@ -111,6 +121,14 @@ def _cifar(name: str, roots: list[Path], kwargs: dict) -> DataBundle:
                        f"Download failed: {exc}") from None
 
 
+def _cifar10(roots: list[Path], kwargs: dict) -> DataBundle:
+    return _cifar("cifar10", roots, kwargs)
+
+
+def _cifar100(roots: list[Path], kwargs: dict) -> DataBundle:
+    return _cifar("cifar100", roots, kwargs)
+
+
 def _imagenet(roots: list[Path], kwargs: dict) -> DataBundle:
     candidates = [root / "imagenet" for root in roots] + list(roots)
     for folder in candidates:
@@ -124,6 +142,8 @@ def _imagenet(roots: list[Path], kwargs: dict) -> DataBundle:
 
 def _bundle_from_arrays(arrays: dict, stats: tuple, num_classes: int, num_groups: int = 0) -> DataBundle:
     """TensorSplits from {split_x, split_y[, split_g]} for train, test and (if present) val."""
+    from benchmarks.data.splits import TensorSplit
+
     mean, std = stats
 
     def split(name: str) -> TensorSplit | None:
@@ -163,45 +183,34 @@ def _waterbirds(roots: list[Path], kwargs: dict) -> DataBundle:
                       num_groups=waterbirds.NUM_GROUPS)
 
 
-DATASETS = ("synthetic", "fashion-mnist", "spurious-fashion", "cifar10", "cifar100", "imagenet", "waterbirds")
+def _image_folder(roots: list[Path], kwargs: dict) -> DataBundle:
+    splits, num_classes = image_folder.read_image_folder(roots, kwargs)
+    return DataBundle(train=splits["train"], test=splits["test"], val=splits.get("val"), num_classes=num_classes)
+
+
+def _synthetic(roots: list[Path], kwargs: dict) -> DataBundle:
+    arrays, num_classes = sources.make_synthetic(**kwargs)
+    return _bundle_from_arrays(arrays, ((0.5,) * arrays["train_x"].shape[1],) * 2, num_classes,
+                               2 * num_classes if kwargs.get("groups") else 0)
 
 
 def dataset_has_groups(dataset: str, kwargs: dict | None = None) -> bool:
     """Whether a dataset (with these data_kwargs) carries group labels, known without loading it."""
-    if dataset == "synthetic":
-        return bool((kwargs or {}).get("groups", False))
-    return dataset in ("spurious-fashion", "waterbirds")
+    return dataset_entry(dataset).groups(kwargs)
 
 
 def load_data(dataset: str, data_root: str | None = None, kwargs: dict | None = None) -> DataBundle:
     """Load a dataset on the CPU; the trainer moves it to its device."""
     kwargs = dict(kwargs or {})
+    loader = dataset_entry(dataset).loader  # an unknown name fails here, listing the registered ones
     try:
-        return _load(dataset, search_roots(data_root), kwargs)
+        return loader(search_roots(data_root), kwargs)
     except BenchError:
         raise
     except (OSError, EOFError, ValueError, TypeError, KeyError, pickle.UnpicklingError) as exc:
         # A damaged file or bad data_kwargs: one line naming the dataset, not a traceback.
         raise BenchError(f"dataset '{dataset}' could not be read ({type(exc).__name__}: {exc}); "
                          "check the files under --data-root / $BENCH_DATA and the protocol's data_kwargs") from None
-
-
-def _load(dataset: str, roots: list[Path], kwargs: dict) -> DataBundle:
-    if dataset == "synthetic":
-        arrays, num_classes = sources.make_synthetic(**kwargs)
-        return _bundle_from_arrays(arrays, ((0.5,) * arrays["train_x"].shape[1],) * 2, num_classes,
-                                   2 * num_classes if kwargs.get("groups") else 0)
-    if dataset == "fashion-mnist":
-        return _fashion_mnist(roots, kwargs)
-    if dataset == "spurious-fashion":
-        return _spurious_fashion(roots, kwargs)
-    if dataset == "waterbirds":
-        return _waterbirds(roots, kwargs)
-    if dataset in sources.CIFAR_FOLDERS:
-        return _cifar(dataset, roots, kwargs)
-    if dataset == "imagenet":
-        return _imagenet(roots, kwargs)
-    raise BenchError(f"unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
 
 
 def restrict_train(bundle: DataBundle, n: int, seed: int = 0) -> DataBundle:
@@ -245,3 +254,16 @@ def hide_train_groups(bundle: DataBundle, method: str) -> DataBundle:
     it) hidden from `method`: reading them raises, batches carry none. Evaluation splits keep theirs."""
     holdout = bundle.holdout.hide_groups(method) if bundle.holdout is not None else None
     return dataclasses.replace(bundle, train=bundle.train.hide_groups(method), holdout=holdout)
+
+
+register_dataset("synthetic", _synthetic, has_groups=lambda kwargs: bool(kwargs.get("groups", False)),
+                 description="generated class prototypes plus noise (tests; groups = true adds a spurious place)")
+register_dataset("fashion-mnist", _fashion_mnist, description="Fashion-MNIST, 28x28 grey, 10 classes")
+register_dataset("spurious-fashion", _spurious_fashion, has_groups=True,
+                 description="Fashion-MNIST with a coloured background correlated with the label (groups)")
+register_dataset("waterbirds", _waterbirds, has_groups=True, description="Waterbirds (groups), streamed from disk")
+register_dataset("cifar10", _cifar10, description="CIFAR-10, 32x32 colour, 10 classes")
+register_dataset("cifar100", _cifar100, description="CIFAR-100, 32x32 colour, 100 classes")
+register_dataset("imagenet", _imagenet, description="ImageNet-1k in ImageFolder layout, streamed from disk")
+register_dataset(image_folder.NAME, _image_folder,
+                 description="your own images: data_kwargs root = FOLDER holding train/<class>/*, val/, test/")

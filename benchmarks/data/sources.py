@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import _compat_pickle
+import codecs
 import gzip
 import os
 import pickle
@@ -63,13 +65,64 @@ def read_fashion_mnist(folder: Path) -> dict:
     }
 
 
+def _numpy_core(module: str):
+    """numpy's core module by its numpy-2 name, or its numpy-1 name on an older numpy."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"numpy._core.{module}")
+    except ImportError:
+        return importlib.import_module(f"numpy.core.{module}")
+
+
+# Everything a CIFAR python file may name (dicts, lists, bytes and ints need no global): the official files
+# (pickled by Python 2 with numpy 1) name numpy's array reconstruction, ndarray and dtype; files written again
+# by numpy 2 spell the module numpy._core, and pickle protocol 5 rebuilds arrays with _frombuffer; protocol 2
+# under Python 3 encodes bytes with _codecs.encode. Nothing here runs code beyond building arrays.
+_CIFAR_GLOBALS = {
+    **{(f"{prefix}.multiarray", "_reconstruct"): _numpy_core("multiarray")._reconstruct
+       for prefix in ("numpy.core", "numpy._core")},
+    **{(f"{prefix}.numeric", "_frombuffer"): _numpy_core("numeric")._frombuffer
+       for prefix in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+    **{("builtins", t.__name__): t for t in (dict, list, bytes, str, int, float)},
+}
+
+
+class ForeignGlobal(pickle.UnpicklingError):
+    """A pickle that names something outside the allowed set (raised before it is built)."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """pickle's reader for CIFAR files that builds nothing but what they hold (_CIFAR_GLOBALS): a replaced file
+    naming anything else (os.system, a class with side effects) fails before any of it runs."""
+
+    def find_class(self, module: str, name: str):
+        # Python 2's module names (__builtin__), mapped as pickle.Unpickler.find_class maps them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise ForeignGlobal(f"it names {module}.{name}, which no CIFAR file holds")
+        return found
+
+
 def _read_cifar_pickles(paths: list[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for path in paths:
         if not path.is_file():
             raise BenchError(f"CIFAR file missing: {path}")
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            try:
+                entry = CifarUnpickler(f, encoding="bytes").load()
+            except ForeignGlobal as exc:  # (a damaged file is load_data's "could not be read")
+                raise BenchError(f"CIFAR file {path} refused, not unpickled: {exc} (replaced or tampered with?); "
+                                 "download the dataset again") from None
+        if not isinstance(entry, dict):
+            raise BenchError(f"CIFAR file {path} holds a {type(entry).__name__}, not a CIFAR batch (a dict); "
+                             "download the dataset again")
         images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry[label_key])
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)

@@ -40,7 +40,7 @@ class _GroupLabels:
         if self._hidden_from is not None:
             raise GroupLabelsHidden(
                 f"training group labels are hidden from method '{self._hidden_from}': only a method that "
-                "declares reads_train_groups = True (an oracle reference such as group-dro) may read them")
+                "declares Traits(reads_train_groups=True) (an oracle reference such as group-dro) may read them")
         return self._groups
 
     @property

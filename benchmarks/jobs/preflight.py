@@ -17,17 +17,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from benchmarks.core.record import check_writable
-from benchmarks.core.run import RunSpec, pick_device
+from benchmarks.core.run import pick_device
+from benchmarks.core.spec import RunSpec
 from benchmarks.errors import BenchError
 
 
 def check_runs(specs: Iterable[RunSpec], *, data_root: str | None = None, device: str | None = None,
                check_data: bool = True, out: str | Path | None = None) -> None:
-    resolved = [spec.resolved() for spec in specs]  # protocol, overrides, parameters, method fit
+    resolved = [spec.resolve() for spec in specs]  # protocol, overrides, parameters, method fit
     if device is not None:
         pick_device(device)
     if check_data:
-        _check_data([protocol for protocol, _ in resolved], data_root)
+        _check_data([run.protocol for run in resolved], data_root)
     if out is not None:
         check_writable(out)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.core.record import RecordError, atomic_write_bytes, load_record, record_path
+from benchmarks.core.layout import ResultsLayout
+from benchmarks.core.record import RecordError, atomic_write_bytes, load_record
 from benchmarks.errors import BenchError
 from benchmarks.jobs.sweep import read_manifest
 
@@ -29,7 +30,7 @@ def publish(manifest: Path, to: str | Path, *, partial: bool = False, log=print)
     target = root / name
     complete, missing = [], []
     for line in lines:
-        path = record_path(line["out"], line["run_id"])
+        path = ResultsLayout(line["out"]).record(line["run_id"])
         try:
             ok = path.exists() and load_record(path)["status"] == "complete"
         except RecordError:

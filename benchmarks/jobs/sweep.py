@@ -35,19 +35,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.core.layout import ResultsLayout
 from benchmarks.core.protocol import find_toml, parse_value, read_toml
-from benchmarks.core.record import RecordError, atomic_write_bytes, load_record, record_path
+from benchmarks.core.record import RecordError, atomic_write_bytes, load_record
 from benchmarks.core.registry import method_class, resolve_params
-from benchmarks.core.run import RunSpec, checkpoint_path, spec_run_id
+from benchmarks.core.spec import RunSpec
 from benchmarks.errors import BenchError
-from benchmarks.jobs.tasks import (
-    LIVE_SLURM_STATES,
-    MAX_REQUEUES,
-    marker_alive,
-    read_marker,
-    running_marker,
-    slurm_states,
-)
+from benchmarks.jobs.tasks import LIVE_SLURM_STATES, MAX_REQUEUES, marker_alive, read_marker, slurm_states
 
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 SPEC_KEYS = {"name", "protocol", "seeds", "overrides", "methods", "slurm", "description", "save_model"}
@@ -129,41 +123,35 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
             runs += [RunSpec(spec["protocol"], entry["name"], params, seed, overrides) for seed in seeds]
             run_slurm += [dict(block_slurm) for _ in seeds]
     for run in runs:  # the protocol, overrides and method-protocol fit are checked before anything is written
-        run.resolved()
+        run.resolve()
     save_model = spec.get("save_model", False)
     if not isinstance(save_model, bool):
         raise BenchError(f"{where}: 'save_model' must be true or false, got {save_model!r}")
     return Sweep(spec["name"], spec["protocol"], runs, slurm, where, save_model, run_slurm)
 
 
-def sweep_dir(out: str | Path, name: str) -> Path:
-    return Path(out) / "sweeps" / name
-
-
-def manifest_path(out: str | Path, name: str) -> Path:
-    return sweep_dir(out, name) / "manifest.jsonl"
-
-
-def manifest_lines(sweep: Sweep, out: str | Path, data_root: str | None = None) -> list[dict]:
+def manifest_lines(sweep: Sweep, out: str | Path, data_root: str | None = None,
+                   settings: dict | None = None) -> list[dict]:
+    """One line per run: its identity and every setting its task needs (`settings`: e.g. the W&B mode)."""
     lines = []
     for i, spec in enumerate(sweep.runs):
-        protocol, params = spec.resolved()
-        line = {"run_id": spec_run_id(protocol, spec, params), "protocol": spec.protocol, "method": spec.method,
+        line = {"run_id": spec.run_id, "protocol": spec.protocol, "method": spec.method,
                 "params": spec.params, "seed": spec.seed, "overrides": spec.overrides, "group": sweep.name,
                 "out": str(Path(out).resolve()), "save_model": sweep.save_model,
-                "data_root": str(Path(data_root).resolve()) if data_root else None}
+                "data_root": str(Path(data_root).resolve()) if data_root else None, **(settings or {})}
         if i < len(sweep.run_slurm) and sweep.run_slurm[i]:
             line["slurm"] = sweep.run_slurm[i]
         lines.append(line)
     return lines
 
 
-def write_manifest(sweep: Sweep, out: str | Path, data_root: str | None = None) -> tuple[Path, list[dict]]:
-    lines = manifest_lines(sweep, out, data_root)
+def write_manifest(sweep: Sweep, out: str | Path, data_root: str | None = None,
+                   settings: dict | None = None) -> tuple[Path, list[dict]]:
+    lines = manifest_lines(sweep, out, data_root, settings)
     ids = [line["run_id"] for line in lines]
     if len(set(ids)) != len(ids):
         raise BenchError(f"{sweep.source}: the sweep lists the same run twice (duplicate grid values or seeds)")
-    path = manifest_path(out, sweep.name)
+    path = ResultsLayout(out).manifest(sweep.name)
     atomic_write_bytes(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
     return path, lines
 
@@ -234,8 +222,8 @@ def run_state(line: dict, slurm: dict[str, str] | None = None, submitted: str | 
     with SIGKILL) leaves the run interrupted (it has a checkpoint) or missing.
     """
     out, rid = line["out"], line["run_id"]
-    path = record_path(out, rid)
-    marker_path = running_marker(out, rid)
+    path = ResultsLayout(out).record(rid)
+    marker_path = ResultsLayout(out).marker(rid)
     marker = read_marker(marker_path)
     alive, why = marker_alive(marker, marker_path, slurm) if marker else (False, "")
     if path.exists():
@@ -253,8 +241,8 @@ def run_state(line: dict, slurm: dict[str, str] | None = None, submitted: str | 
     if submitted and slurm is not None and slurm.get(submitted) in LIVE_SLURM_STATES:
         return "queued", f"slurm task {submitted} {slurm[submitted].lower()}"
     dead = f" (stale marker: {why})" if marker else ""
-    if checkpoint_path(out, rid).exists():
-        return "interrupted", f"checkpoint {checkpoint_path(out, rid)}{dead}"
+    if ResultsLayout(out).checkpoint(rid).exists():
+        return "interrupted", f"checkpoint {ResultsLayout(out).checkpoint(rid)}{dead}"
     return "missing", dead.strip()
 
 
@@ -263,7 +251,7 @@ def sweep_status(manifest: Path) -> list[tuple[int, dict, str, str]]:
     submitted = submitted_tasks(manifest)
     jobs = set(submitted.values())
     for line in lines:
-        marker = read_marker(running_marker(line["out"], line["run_id"]))
+        marker = read_marker(ResultsLayout(line["out"]).marker(line["run_id"]))
         if marker and marker.job:
             jobs.add(marker.job)
     slurm = slurm_states(jobs) if jobs else {}  # one squeue call for the whole sweep
@@ -345,11 +333,13 @@ def submit_slurm(manifest: Path, indices: list[int], slurm: dict, job_name: str,
     (manifest.parent / "logs").mkdir(parents=True, exist_ok=True)
     # The tasks read a copy of the manifest as submitted: `sweep` rewrites the manifest each time it
     # runs, and an edited spec must not redirect a queued task's line number to another run.
+    # The copy's lines also carry this array's requeue cap: every setting a task needs is in its line.
     frozen = manifest.parent / "submitted" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
-    atomic_write_bytes(frozen, manifest.read_bytes())
+    cap = slurm.get("max_requeues", MAX_REQUEUES)
+    atomic_write_bytes(frozen, "".join(json.dumps(dict(line, max_requeues=cap), sort_keys=True) + "\n"
+                                       for line in read_manifest(manifest)).encode())
     command = sbatch_command(manifest, indices, slurm, job_name, task_manifest=frozen)
-    env = dict(os.environ, BENCH_PYTHON=os.environ.get("BENCH_PYTHON", sys.executable),
-               BENCH_MAX_REQUEUES=str(slurm.get("max_requeues", MAX_REQUEUES)))  # tasks read it (sbatch exports)
+    env = dict(os.environ, BENCH_PYTHON=os.environ.get("BENCH_PYTHON", sys.executable))
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     except subprocess.TimeoutExpired:

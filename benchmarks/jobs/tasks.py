@@ -45,14 +45,6 @@ LIVE_SLURM_STATES = {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_F
                      "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
 
 
-def running_marker(out: str | Path, rid: str) -> Path:
-    return Path(out) / "running" / rid
-
-
-def requeue_file(out: str | Path, rid: str) -> Path:
-    return Path(out) / "running" / f"{rid}.requeues.json"
-
-
 # -- markers -------------------------------------------------------------------------------------
 
 @dataclass

@@ -55,11 +55,11 @@ from benchmarks.kit.pergrad import (
     NotHookable,
     Outer,
     Vector,
-    _dtype,
-    _trainable,
     capture_layer_factors,
     hooked_layers,
     pieces,
+    product_dtype,
+    trainable_parameters,
 )
 
 GRAM_CHUNK_FLOATS = 2**25  # numbers held at once by one layer's product (128 MB in fp32)
@@ -97,7 +97,7 @@ def capture(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing:
                          "gradients need it in eval mode (running statistics); call model.eval() first")
     layers = hooked_layers(model)
     if layers is None:
-        kinds = sorted({type(m).__name__ for m in model.modules() if _trainable(m)})
+        kinds = sorted({type(m).__name__ for m in model.modules() if trainable_parameters(m)})
         raise ValueError(f"ghost products cover trainable nn.Linear, nn.Conv2d (zero padding, groups 1) and "
                          f"BatchNorm layers only; this model has {', '.join(kinds)}")
     with torch.enable_grad():
@@ -211,7 +211,7 @@ def subset_gradient(model: nn.Module, captured: Captured, keep: torch.Tensor,
     out = {}
     for module, a, g in captured.factors:
         for name, piece in pieces(module, a[keep], g[keep]).items():
-            scale = torch.full((k,), 1.0 / k, dtype=_dtype(g), device=g.device)
+            scale = torch.full((k,), 1.0 / k, dtype=product_dtype(g), device=g.device)
             if weights is not None:
                 scale = scale * weights.to(scale)
             if isinstance(piece, Vector):

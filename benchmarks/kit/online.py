@@ -27,8 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from benchmarks.api import Batch, Method, Selection, Step
-from benchmarks.core.registry import Param
+from benchmarks.api import Batch, Method, Param, Selection, Step, Traits
 
 CANDIDATE_FACTOR = Param(2, "candidate batch = batch_size x this; train on the best batch_size of it", low=1)
 
@@ -69,14 +68,11 @@ class OnlineSelection(Method):
     top-k of per-example scores (GREATS's greedy pick).
     """
 
-    headline_params = ("candidate_factor",)
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.candidate_multiplier = int(params.get("candidate_factor", 1))  # read by the trainer
+    # A subclass's params hold "candidate_factor" (CANDIDATE_FACTOR): the trainer's candidate batch follows it.
+    traits = Traits(candidate_factor="candidate_factor", headline_params=("candidate_factor",))
 
     def kept(self, batch: Batch) -> int:
-        return kept_count(len(batch.y), self.candidate_multiplier)
+        return kept_count(len(batch.y), self.candidate_factor())
 
     def scores(self, batch: Batch, model: torch.nn.Module, step: Step) -> torch.Tensor:
         raise NotImplementedError

@@ -42,12 +42,12 @@ VMAP_CHUNK_FLOATS = 2**26  # per-example gradients held at once by the vmap path
 _HOOKED_TYPES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
 def _covered(module: nn.Module) -> bool:
-    if type(module) not in _HOOKED_TYPES or not set(_trainable(module)) <= {"weight", "bias"}:
+    if type(module) not in _HOOKED_TYPES or not set(trainable_parameters(module)) <= {"weight", "bias"}:
         return False
     if type(module) is nn.Conv2d:
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -60,7 +60,7 @@ def hooked_layers(model: nn.Module) -> list[nn.Module] | None:
     """The layers holding trainable parameters, or None if one of them is not covered by the hooks."""
     layers = []
     for module in model.modules():
-        if _trainable(module):
+        if trainable_parameters(module):
             if not _covered(module):
                 return None
             layers.append(module)
@@ -109,14 +109,14 @@ class Vector:
     shape: torch.Size
 
 
-def _dtype(t: torch.Tensor) -> torch.dtype:
+def product_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # half precision factors are multiplied in fp32
 
 
 def pieces(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, Outer | Vector]:
     """Each trainable parameter's per-example gradients of one layer, as factors or vectors."""
-    trainable = _trainable(module)
-    dtype = _dtype(g)
+    trainable = trainable_parameters(module)
+    dtype = product_dtype(g)
     a, g = a.to(dtype), g.to(dtype)
     n = a.shape[0]
     out: dict[str, Outer | Vector] = {}

@@ -32,7 +32,7 @@ from benchmarks.core.models import embed
 from benchmarks.errors import BenchError
 
 if TYPE_CHECKING:
-    from benchmarks.core.train import RunContext
+    from benchmarks.core.context import RunContext
 
 PRIOR_KINDS = "random, run:<run_id>, timm:<name> or timm:<name>@<weights file>"
 

@@ -17,6 +17,7 @@ Resumable: a proxy in training writes `<name>.partial.pt` after every epoch, and
 run is asked to stop (Slurm's warning signal), holding the trainer's state and the FLOPs spent so
 far. `prepare` then starts over after a preemption, finds finished artefacts in the cache and the
 unfinished proxy at its last step, and loses nothing. Without a cache directory nothing is kept.
+The partial is written and read by the run's own checkpoint mechanism (benchmarks/core/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,8 +35,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from benchmarks.api import Batch, Method
+from benchmarks.core.checkpoint import CheckpointRefused, load_checkpoint, save_checkpoint
 from benchmarks.core.models import embed
-from benchmarks.core.protocol import Protocol
+from benchmarks.core.protocol import Protocol, fingerprint
 from benchmarks.core.record import atomic_write_bytes
 from benchmarks.core.train import STOP, Preempted, RunContext, Trainer
 from benchmarks.errors import BenchError
@@ -43,15 +46,12 @@ if TYPE_CHECKING:
     from benchmarks.data.splits import StreamingSplit, TensorSplit
 
 CACHE_VERSION = 2  # 2: FLOPs measured by flop_counter (1 held the "3 x forward" estimate)
-# Protocol fields that cannot change a proxy run or its outputs; every other field is in the cache key.
-_NOT_IN_FINGERPRINT = {"description", "eval_batch_size", "eval_every", "selection_rule", "seeds", "budget",
-                       "save_model", "evaluation", "probe_epochs", "probe_lr", "probe_batch_size",
-                       "probe_weight_decay", "reference"}
 
 
 def protocol_fingerprint(protocol: Protocol) -> str:
-    fields = {k: v for k, v in protocol.as_dict().items() if k not in _NOT_IN_FINGERPRINT}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """The key of this protocol's artefacts: benchmarks.core.protocol.fingerprint without the fields that
+    change only evaluation and accounting (one definition and one exclusion list, shared with run ids)."""
+    return fingerprint(protocol, artefacts=True)
 
 
 def cache_file(ctx: RunContext, folder: str, name: str) -> Path | None:
@@ -78,6 +78,21 @@ def dataset_cache_file(ctx: RunContext, folder: str, name: str) -> Path | None:
     if ctx.cache_dir is None:
         return None
     return Path(ctx.cache_dir) / folder / f"{ctx.protocol.dataset}-{data_fingerprint(ctx)}" / f"{name}.pt"
+
+
+def file_label(text: str) -> str:
+    """Free text (a prior's spec) made safe and short enough for a cache file's name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
+
+
+def dataset_artefact(ctx: RunContext, kind: str, name: str, **fields) -> tuple[Path | None, dict]:
+    """(where, key) of a cached artefact of this training data alone (dataset_cache_file), whatever the
+    protocol and seed: the key holds the version, `kind`, the data's fingerprint and `fields` (everything
+    else the artefact depends on); the file, <kind>/<dataset>-<data>/<name>-<digest of the key>.pt, is
+    apart for every key. `name` is file-safe (file_label)."""
+    key = {"version": CACHE_VERSION, "kind": kind, "data": data_fingerprint(ctx), **fields}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return dataset_cache_file(ctx, kind, f"{name}-{digest}"), key
 
 
 def cache_key(ctx: RunContext, **fields) -> dict:
@@ -181,7 +196,7 @@ def train_proxy(ctx: RunContext, run: int, epochs: int, method: Method | None = 
     partial_path = cache_file(ctx, "proxies", f"{name}-{method.name if method else 'plain'}.partial")
     partial_key = dict(key, kind="proxy-partial", method=method.name if method else None)
     spent = Spending(ctx)
-    partial = load_cached(partial_path, partial_key, ctx.log) if partial_path else None
+    partial = _load_partial(partial_path, partial_key, ctx.log)
     if partial is not None:
         trainer.load_state_dict(partial["trainer"])
         charge_cached(ctx, partial)
@@ -189,7 +204,8 @@ def train_proxy(ctx: RunContext, run: int, epochs: int, method: Method | None = 
                 + (f", step {trainer.partial.steps_done}" if trainer.partial else ""))
 
     def keep_partial() -> None:
-        save_cached(partial_path, spent.payload(key=partial_key, trainer=trainer.state_dict()))
+        if partial_path is not None:  # the run's own checkpoint mechanism, owned by the partial's key
+            save_checkpoint(partial_path, spent.payload(trainer=trainer.state_dict()), owner=partial_key)
 
     try:
         while trainer.state.epoch < epochs:  # stop early inside the protocol's schedule (module docstring)
@@ -205,6 +221,22 @@ def train_proxy(ctx: RunContext, run: int, epochs: int, method: Method | None = 
     if partial_path is not None:
         partial_path.unlink(missing_ok=True)
     return model, False
+
+
+def _load_partial(path: Path | None, key: dict, log) -> dict | None:
+    """A proxy's partial checkpoint (benchmarks/core/checkpoint.py: read safely, owned by `key`), or None.
+
+    It lives in the cache, so one that cannot be used (refused by the safe loader, damaged, another key's) is
+    said and the proxy starts over, replacing it: it holds nothing that training the proxy again does not
+    give back, and it is never unpickled. A run's own checkpoint is treated more carefully (core/run.py)."""
+    if path is None:
+        return None
+    try:
+        return load_checkpoint(path, key, ("trainer", "flops", "seconds"), map_location="cpu")
+    except CheckpointRefused as refusal:
+        log(f"warning: proxy partial checkpoint {refusal.path} not used ({refusal.reason}); training the proxy "
+            "from its start")
+        return None
 
 
 # -- passes over the training set -----------------------------------------------------------------

@@ -48,10 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.api import Method, StepInfo
+from benchmarks.api import Method, Param, RunContext, StepInfo
 from benchmarks.core.protocol import Protocol
-from benchmarks.core.registry import Param
-from benchmarks.core.train import RunContext
 from benchmarks.errors import BenchError
 from benchmarks.kit.proxies import (
     Spending,

@@ -41,9 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.api import EpochPlan, Method, Step
+from benchmarks.api import EpochPlan, Method, Param, Step, Traits
 from benchmarks.core.models import embed
-from benchmarks.core.registry import Param
 from benchmarks.errors import BenchError
 from benchmarks.kit.subsets import random_subset, subset_size
 
@@ -136,10 +135,10 @@ class BYOLMethod(Method):
     Not registered itself; baselines/byol.py registers plain BYOL and methods/rela.py builds on it.
     """
 
-    kind = "self-supervised"
-    augment_batches = False  # views are drawn from the raw images with batch.view()
-    unused_parameters = True  # the backbone's classifier head gets no gradient (DDP must not wait for it)
-    headline_params = ("budget",)
+    traits = Traits(kind="self-supervised",
+                    augment_batches=False,  # views are drawn from the raw images with batch.view()
+                    unused_parameters=True,  # the backbone's classifier head gets no gradient (DDP must not wait)
+                    headline_params=("budget",))
     params = SSL_PARAMS
 
     def build_model(self, ctx) -> BYOLNetworks:

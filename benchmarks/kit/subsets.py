@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.api import EpochPlan, Method
-from benchmarks.core.registry import Param
+from benchmarks.api import EpochPlan, Method, Param, Traits
 
 FRACTION = Param(0.5, "share of the training set kept", low=0.0, high=1.0, low_open=True)
 
@@ -46,7 +45,7 @@ class StaticSubset(Method):
     method_stats); both are checkpointed, since `prepare` does not run again on resume.
     """
 
-    headline_params = ("fraction",)
+    traits = Traits(headline_params=("fraction",))
 
     def __init__(self, **params):
         super().__init__(**params)

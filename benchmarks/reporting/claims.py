@@ -191,20 +191,20 @@ def load_claims(folder: str | Path) -> list[Claim]:
 
 
 def _matching(records: list[dict], protocol: str, overrides: dict, side: Side) -> list[dict]:
-    from benchmarks.reporting.replicate import _resolved_label, parse_setting
+    from benchmarks.reporting.replicate import parse_setting, resolved_label
 
     params, setting_overrides = parse_setting(side.setting)
     wanted = json.dumps({**overrides, **setting_overrides, **side.overrides}, sort_keys=True)
-    label = _resolved_label(side.method, params)
+    label = resolved_label(side.method, params)
     return [r for r in records if r["protocol"] == protocol and r["method"] == side.method
             and json.dumps(r.get("overrides") or {}, sort_keys=True) == wanted
             and params_label(r["params"]) == label]
 
 
 def _summary(records: list[dict], metric: str) -> dict:
-    from benchmarks.reporting.replicate import _run_value
+    from benchmarks.reporting.replicate import run_value
 
-    pairs = sorted((r["seed"], _run_value(r, metric)) for r in records)
+    pairs = sorted((r["seed"], run_value(r, metric)) for r in records)
     values = [v for _, v in pairs if isinstance(v, (int, float))]
     return {"n": len(values), "seeds": [s for s, v in pairs if isinstance(v, (int, float))], "values": values,
             "mean": statistics.fmean(values) if values else None,

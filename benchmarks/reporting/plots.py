@@ -24,7 +24,7 @@ FORMATS = ("png", "pdf")
 _METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
 
 
-def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
+def save_figure(fig: Figure, out: Path, stem: str) -> list[Path]:
     paths = []
     for fmt in FORMATS:
         path = out / f"{stem}.{fmt}"
@@ -90,7 +90,7 @@ def accuracy_vs_saved(section: Section, out: Path) -> list[Path]:
                         fontsize=7, color=colours[row.method])
     _finish_accuracy_axes(ax, section, "compute saved, % of the full-data run (train + selection FLOPs)",
                           "compute saved", full_line="--")
-    return _save(fig, out, f"{section.slug}-accuracy-vs-saved")
+    return save_figure(fig, out, f"{section.slug}-accuracy-vs-saved")
 
 
 def _run_curves(section: Section, out: Path, x_of, xlabel: str, against: str, stem: str) -> list[Path]:
@@ -119,7 +119,7 @@ def _run_curves(section: Section, out: Path, x_of, xlabel: str, against: str, st
     ax.set_title(f"{section.title}: test accuracy {against} (one line per run)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, out, f"{section.slug}-{stem}")
+    return save_figure(fig, out, f"{section.slug}-{stem}")
 
 
 def _compute_spent(run, row) -> float | None:
@@ -152,7 +152,7 @@ def accuracy_vs_kept(section: Section, out: Path) -> list[Path]:
         ax.errorbar(kept, acc, yerr=std, marker="o", capsize=3, linewidth=1, color=colours[name], label=name,
                     linestyle="--" if name.startswith("uniform") else "-")
     _finish_accuracy_axes(ax, section, "training set kept, %", "data kept", full_line=":")
-    return _save(fig, out, f"{section.slug}-accuracy-vs-kept")
+    return save_figure(fig, out, f"{section.slug}-accuracy-vs-kept")
 
 
 def write_plots(sections: list[Section], out: str | Path) -> list[Path]:

@@ -145,7 +145,7 @@ def load_papers(folder: str | Path) -> list[PaperEntry]:
     return entries
 
 
-def _resolved_label(method: str, params: dict) -> str:
+def resolved_label(method: str, params: dict) -> str:
     """The setting label a run made with these params has: the method's defaults filled in (when known)."""
     from benchmarks.core.registry import resolve_params
 
@@ -168,7 +168,7 @@ def _is_reference_run(record: dict) -> bool:
         return True
 
 
-def _run_value(record: dict, metric: str) -> float | None:
+def run_value(record: dict, metric: str) -> float | None:
     metrics, compute, stats = record.get("metrics") or {}, record.get("compute") or {}, record.get("method_stats") or {}
     if metric in COMPUTE_METRICS:
         return compute.get(metric)
@@ -195,14 +195,14 @@ def replicate(entries: list[PaperEntry], records: list[dict]) -> list[dict]:
             full_means[k] = statistics.fmean(accs)
     rows = []
     for entry in entries:
-        label = _resolved_label(entry.method, entry.params())
+        label = resolved_label(entry.method, entry.params())
         wanted = (entry.protocol, json.dumps(entry.all_overrides(), sort_keys=True))
         runs = [r for r in complete if key(r) == wanted and r["method"] == entry.method
                 and params_label(r["params"]) == label]
         row = {"entry": entry, "n_runs": len(runs), "values": [], "mean": None, "std": None,
                "difference": None, "verdict": "not run"}
         if runs:
-            values = [v for v in (_run_value(r, entry.metric) for r in runs) if v is not None]
+            values = [v for v in (run_value(r, entry.metric) for r in runs) if v is not None]
             if entry.metric == "delta_vs_full":
                 full = full_means.get(wanted)
                 values = [v - full for v in values] if full is not None else []

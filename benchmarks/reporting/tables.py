@@ -8,7 +8,7 @@ read off each run's curve.
 
 A table is built per section: one protocol with one set of overrides. Rows sort by compute saved,
 most first; the full-data row is among them. A row's setting names only the parameters a reader
-needs: the method's headline parameter (Method.headline_params) and those that differ from its
+needs: the method's headline parameter (Method.traits.headline_params) and those that differ from its
 defaults or between its rows (each record keeps the full set). Where methods keep a fixed `fraction` of the data at two or more fractions, a second
 table puts them side by side: one row per method, one column per fraction kept.
 """
@@ -240,7 +240,7 @@ def _method_defaults(method: str) -> tuple[dict, tuple[str, ...]] | None:
         cls = method_class(method)
     except BenchError:
         return None
-    return {name: param.default for name, param in cls.params.items()}, cls.headline_params
+    return {name: param.default for name, param in cls.params.items()}, cls.traits.headline_params
 
 
 def reference_rows(runs: pd.DataFrame, reference: str) -> pd.Series:

@@ -30,11 +30,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from benchmarks.errors import BenchError
+
+if TYPE_CHECKING:  # torch loads when the study runs: `--help` and the parser stay light
+    import torch
 
 EXAMPLES = """examples:
   python -m benchmarks toy
@@ -59,6 +60,8 @@ class ToyConfig:
 
 def model_logits(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t1 * ReLU(t2 x + t3) + t4 for each run: theta [R, 4], x [R, B] -> logits [R, B]."""
+    import torch
+
     t1, t2, t3, t4 = (theta[:, i:i + 1] for i in range(4))
     return t1 * torch.relu(t2 * x + t3) + t4
 
@@ -69,6 +72,9 @@ def _mixture(labels: torch.Tensor, noise: torch.Tensor, mu: float, sigma: float)
 
 def train_curve(config: ToyConfig, sigma: float, flip: float, val_sigmas: list[float]) -> dict[float, list[float]]:
     """Mean validation loss every eval_every steps, per validation sigma (clean labels), for one setting."""
+    import torch
+    import torch.nn.functional as F
+
     g = torch.Generator().manual_seed(config.seed)
     theta = (config.init * torch.randn(config.seeds, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
     val_labels = torch.randint(0, 2, (config.n_val,), generator=g).double()
@@ -137,7 +143,7 @@ def report(result: dict) -> str:
 def plot(result: dict, out: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
-    from benchmarks.reporting.plots import _save
+    from benchmarks.reporting.plots import save_figure
 
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3, sharey=True)
@@ -154,7 +160,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     axes[0].set_ylabel("validation loss (BCE)")
     fig.suptitle("RELA toy study: two-Gaussian mixture, sigmoid(t1 ReLU(t2 x + t3) + t4)", fontsize=11)
     out.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out, "toy")
+    return save_figure(fig, out, "toy")
 
 
 def _cmd_toy(args: argparse.Namespace) -> int:
