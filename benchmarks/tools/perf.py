@@ -1,36 +1,54 @@
 """Speed ratios, each measured side by side in one process on this machine (`nox -s perf`).
 
+The harness and the kit:
 - harness_step_over_bare: the harness's training step time over a bare PyTorch loop (same model,
   batch, in-memory data, same per-batch uint8 -> float conversion; no augmentation in either).
   Goal <= 1.05.
-- pipeline_over_dataloader: the harness's input pipeline (uint8 tensors, batched crop + flip on the
-  device) over torchvision's DataLoader with PIL transforms (2 workers), images per second.
-  Goal >= 3.
-- infobatch_epoch_over_uniform_epoch: InfoBatch's training seconds per visited example over
-  uniform-epoch's at the same visited share. Goal <= 1.02.
-- grand_loop_over_batched: GraNd (all parameters) by a Python loop of single-example gradients over
-  the batched per-example gradient norms, same 256 examples. Goal >= 10 (a GPU goal: on 2 CPU cores
-  the batched forward/backward alone costs about what the loop does).
-- greats_step_over_plain_step: one GREATS step (B = 2k candidates and 2 validation examples in one
-  eval-mode forward/backward, the Gram products, the greedy pick of k, then the train-mode step on
-  the k) over one plain training step on the same B examples, on the fashion-mnist model. Goal <= 1.3.
-- greats_step_over_plain_step_resnet18: the same for ResNet-18 (CIFAR stem) at 32x32, batch 128.
-  Goal <= 1.3. Both also report the FLOP ratio, measured with the meter's counter: that one is a
+- pipeline_over_dataloader: the harness's input pipeline (the trainer's batches: uint8 tensors,
+  batched crop + flip on the device) over torchvision's DataLoader with PIL transforms (2 workers),
+  images per second. Goal >= 3.
+- pergrad_loop_over_batched: per-example gradient norms (all parameters) by a Python loop of
+  single-example gradients over benchmarks.kit.pergrad's batched norms, same 256 examples.
+  Goal >= 10 (a GPU goal: on 2 CPU cores the batched forward/backward alone costs about what the
+  loop does).
+- ghost_over_materialised, ghost_over_materialised_resnet18: the Gram products of an online step
+  (2 x batch-size candidates and 2 validation examples) by the per-layer cost rule of
+  benchmarks/kit/ghost.py ("auto") over the same products from materialised per-example gradients
+  in every layer (the capture pass, the same for both, excluded). Goal <= 1.
+
+Per method, for the methods named on the command line (the perf session in noxfile.py names them;
+this module names none). Each runs through the public run path (`execute`, at the method's
+defaults), against the protocol's reference method run the same way:
+- epoch_over_reference/<method> (--epoch-method, a method that plans its epochs): its training
+  seconds per visited example over the reference's, trained on a fixed subset of the size the
+  method visits per epoch. The first epoch is dropped from both (it holds the one-off FLOP
+  measurements, and is full data for a pruning schedule). Goal <= 1.02.
+- step_over_reference_step/<method> (--step-method, a method that selects online): one of its
+  training steps (B candidates, the selection, the step on the k kept) over one reference step on
+  B examples (the reference run with batch size B, so both take the same steps), on the
+  fashion-mnist model. Goal <= 1.3.
+- step_over_reference_step_resnet18/<method>: the same for ResNet-18 (CIFAR stem) at 32x32,
+  batch 128. Goal <= 1.3. Both also report the FLOP ratio from the runs' meters: that one is a
   property of the algorithm, not of the machine.
-- ghost_over_materialised, ghost_over_materialised_resnet18: the Gram products of a GREATS step by
-  the per-layer cost rule (benchmarks/ghost.py, "auto") over the same products from materialised
-  per-example gradients in every layer (the capture pass, the same for both, excluded). Goal <= 1.
-Then the selection cost of each score method at its defaults, as a share of one full-data run.
+- scoring_cost/fashion-mnist/<method> (--cost-method): the selection FLOPs of a run at the
+  method's defaults as a share of one full-data run, as its record meters them, on a fixed subset
+  of Fashion-MNIST (the share does not depend on the subset's size, but for a coreset's greedy
+  term, which grows with it).
 
 Repeats alternate the contenders (A B A B ...) and report the ratio of medians, so a slow spell of
 the machine hits both sides.
+
+--tiny runs every measurement at a tiny size on synthetic images of the same shapes, in seconds:
+a test runs it, so that an API change breaks a test instead of this session. Its ratios mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,17 +57,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core.compute import ComputeMeter
-from benchmarks.core.protocol import load_protocol
+from benchmarks.api import overrides as overrides_hook
+from benchmarks.core.protocol import apply_overrides, load_protocol
 from benchmarks.core.registry import create_method
-from benchmarks.core.run import RunSpec, execute
-from benchmarks.core.train import RunContext, Trainer
-from benchmarks.data import load_data, restrict_train
+from benchmarks.core.run import RunSpec, build_context, execute
+from benchmarks.core.train import Trainer
+from benchmarks.errors import BenchError
 
 GOALS = {"harness_step_over_bare": ("<=", 1.05), "pipeline_over_dataloader": (">=", 3.0),
-         "infobatch_epoch_over_uniform_epoch": ("<=", 1.02), "grand_loop_over_batched": (">=", 10.0),
-         "greats_step_over_plain_step": ("<=", 1.3), "greats_step_over_plain_step_resnet18": ("<=", 1.3),
-         "ghost_over_materialised": ("<=", 1.0), "ghost_over_materialised_resnet18": ("<=", 1.0)}
+         "pergrad_loop_over_batched": (">=", 10.0),
+         "ghost_over_materialised": ("<=", 1.0), "ghost_over_materialised_resnet18": ("<=", 1.0),
+         "epoch_over_reference": ("<=", 1.02), "step_over_reference_step": ("<=", 1.3),
+         "step_over_reference_step_resnet18": ("<=", 1.3)}
+FASHION = "fashion-mnist"
+TINY_BATCH = 16  # the batch size of every tiny measurement on the fashion-mnist model
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
 
 
 def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -61,16 +86,54 @@ def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def harness_step_over_bare(n_examples: int = 8192, repeats: int = 5) -> dict:
-    protocol = load_protocol("fashion-mnist").replace(augment=[], epochs=1)
-    data = restrict_train(load_data("fashion-mnist"), n_examples)
-    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(), seed=0, log=lambda *a: None)
+# -- where each measurement runs -------------------------------------------------------------------
+# (protocol name, overrides). Tiny sizes swap the real data for synthetic images of the same shape:
+# the cost of a step does not depend on the pixels, and a test then needs no dataset on disk.
+
+def fashion_setup(tiny: bool, n: int, holdout: int = 0, **extra) -> tuple[str, dict]:
+    """The fashion-mnist protocol on n training examples (after a held-out split of `holdout`)."""
+    if tiny:
+        data = {"n_train": n + holdout, "n_test": 32, "num_classes": 10, "size": 28, "channels": 1}
+        overrides = {"dataset": "synthetic", "data_kwargs": data, "batch_size": TINY_BATCH}
+    else:
+        overrides = {"train_subset": n + holdout}
+    if holdout:
+        overrides["holdout"] = holdout
+    return FASHION, {**overrides, **extra}
+
+
+def resnet18_setup(tiny: bool, n: int, holdout: int = 0, **extra) -> tuple[str, dict]:
+    """ResNet-18 (the cifar10 protocol) at 32x32 on synthetic images of CIFAR's shape."""
+    data = {"n_train": n + holdout, "n_test": 8 if tiny else 64, "num_classes": 10, "size": 8 if tiny else 32,
+            "channels": 3}
+    overrides = {"dataset": "synthetic", "data_kwargs": data, **({"batch_size": 2} if tiny else {})}
+    if holdout:
+        overrides["holdout"] = holdout
+    return "cifar10", {**overrides, **extra}
+
+
+def context(setup: tuple[str, dict]):
+    name, overrides = setup
+    return build_context(apply_overrides(load_protocol(name), overrides), 0, log=quiet)
+
+
+def reference_trainer(ctx, model: torch.nn.Module) -> Trainer:
+    """A trainer of the protocol's reference method: the harness's plain training path."""
+    return Trainer(ctx, model, create_method(ctx.protocol.reference), evaluate=False)
+
+
+# -- the harness -----------------------------------------------------------------------------------
+
+def harness_step_over_bare(tiny: bool = False) -> dict:
+    n_examples, repeats = (4 * TINY_BATCH, 2) if tiny else (8192, 5)
+    ctx = context(fashion_setup(tiny, n_examples, augment=[], epochs=1))
+    protocol, train = ctx.protocol, ctx.data.train
     model = ctx.new_model("perf")
     batch_size = protocol.batch_size
     steps = -(-n_examples // batch_size)
 
     def harness() -> float:
-        trainer = Trainer(ctx, model, create_method("full"), evaluate=False)
+        trainer = reference_trainer(ctx, model)
         started = time.perf_counter()
         trainer.run_epoch(0)
         return (time.perf_counter() - started) / steps
@@ -78,13 +141,13 @@ def harness_step_over_bare(n_examples: int = 8192, repeats: int = 5) -> dict:
     def bare() -> float:
         optimizer = torch.optim.SGD(model.parameters(), lr=protocol.lr, momentum=0.9, nesterov=True,
                                     weight_decay=protocol.weight_decay)
-        images, labels = data.train.images, data.train.labels
+        images, labels = train.images, train.labels.to(ctx.device)
         model.train()
         started = time.perf_counter()
-        order = torch.randperm(n_examples)
+        order = torch.randperm(n_examples, device=images.device)
         for start in range(0, n_examples, batch_size):
             index = order[start:start + batch_size]
-            x = data.train.normalize(images[index])
+            x = train.normalize(images[index])
             loss = F.cross_entropy(model(x), labels[index], label_smoothing=protocol.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -96,36 +159,38 @@ def harness_step_over_bare(n_examples: int = 8192, repeats: int = 5) -> dict:
             "bare_step_ms": 1000 * medians["bare"]}
 
 
-def pipeline_over_dataloader(n_examples: int = 20000, repeats: int = 3) -> dict:
+def pipeline_over_dataloader(tiny: bool = False) -> dict:
     import torchvision.transforms as T
     from PIL import Image
 
-    protocol = load_protocol("fashion-mnist")
-    data = restrict_train(load_data("fashion-mnist"), n_examples)
-    split = data.train
-    batch_size = protocol.batch_size
-    pad = protocol.crop_padding
+    n_examples, repeats = (4 * TINY_BATCH, 1) if tiny else (20000, 3)
+    ctx = context(fashion_setup(tiny, n_examples))
+    protocol, split = ctx.protocol, ctx.data.train
+    trainer = reference_trainer(ctx, ctx.new_model("perf"))  # its batches are the harness's pipeline
+    images, labels = split.images.cpu(), split.labels
+    side = images.shape[-1]
     (mean,), (std,) = split.stats
 
     class PILDataset(torch.utils.data.Dataset):
-        transform = T.Compose([T.RandomCrop(28, padding=pad), T.RandomHorizontalFlip(), T.ToTensor(),
-                               T.Normalize((mean,), (std,))])
+        transform = T.Compose([T.RandomCrop(side, padding=protocol.crop_padding), T.RandomHorizontalFlip(),
+                               T.ToTensor(), T.Normalize((mean,), (std,))])
 
         def __len__(self):
-            return len(split)
+            return len(labels)
 
         def __getitem__(self, i):
-            return self.transform(Image.fromarray(split.images[i, 0].numpy(), mode="L")), int(split.labels[i])
+            return self.transform(Image.fromarray(images[i, 0].numpy(), mode="L")), int(labels[i])
 
     def harness() -> float:
         started = time.perf_counter()
-        for batch in split.batches(torch.randperm(len(split)), batch_size, augment=["crop", "flip"], padding=pad,
-                                   generator=torch.Generator().manual_seed(0)):
+        for batch in trainer.batches(torch.randperm(len(split)), protocol.batch_size,
+                                     torch.Generator().manual_seed(0)):
             batch.x.sum()
         return len(split) / (time.perf_counter() - started)
 
     def dataloader() -> float:
-        loader = torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, num_workers=2)
+        loader = torch.utils.data.DataLoader(PILDataset(), batch_size=protocol.batch_size, shuffle=True,
+                                             num_workers=2)
         started = time.perf_counter()
         for x, _ in loader:
             x.sum()
@@ -136,46 +201,26 @@ def pipeline_over_dataloader(n_examples: int = 20000, repeats: int = 3) -> dict:
             "dataloader_images_per_s": medians["dataloader"]}
 
 
-def infobatch_epoch_over_uniform_epoch(n_examples: int = 10000, epochs: int = 4, repeats: int = 2) -> dict:
-    """Seconds per visited example, epoch 1 dropped from both (it is full data for InfoBatch)."""
-    overrides = {"epochs": epochs, "train_subset": n_examples}
+# -- the kit ---------------------------------------------------------------------------------------
 
-    def seconds_per_example(record: dict) -> float:
-        rows = record["curve"]
-        return (rows[-1]["seconds"] - rows[0]["seconds"]) / sum(r["examples"] for r in rows[1:])
+def pergrad_loop_over_batched(tiny: bool = False, threads: int | None = 1) -> dict:
+    """Per-example gradient norms on the same examples: a loop of single-example gradients over
+    benchmarks.kit.pergrad's batched norms.
 
-    def run(method: str, params: dict, out: str) -> dict:
-        return execute(RunSpec("fashion-mnist", method, params, 0, overrides), out, log=lambda *a: None,
-                       progress=False, force=True)
-
-    ratios = []
-    with tempfile.TemporaryDirectory() as out:
-        for _ in range(repeats):
-            infobatch = run("infobatch", {"prune_ratio": 0.5}, out)
-            rows = infobatch["curve"][1:]
-            kept = sum(r["examples"] for r in rows) / (len(rows) * n_examples)
-            uniform = run("uniform-epoch", {"fraction": kept}, out)
-            ratios.append(seconds_per_example(infobatch) / seconds_per_example(uniform))
-    return {"ratio": statistics.median(ratios), "visited_share": kept}
-
-
-def grand_loop_over_batched(n_examples: int = 256, repeats: int = 3, threads: int | None = 1) -> dict:
-    """GraNd on the same examples: a loop of single-example gradients over benchmarks.kit.pergrad's batched norms.
-
-    Fashion-MNIST's small-cnn in eval mode (as GraNd scores), all parameters. `threads` pins torch's
-    intra-op threads while measuring: on a shared machine the loop's tiny ops stall on busy OpenMP
-    threads, which inflates the ratio many times over; None keeps the default.
+    Fashion-MNIST's small-cnn in eval mode (as a gradient-norm score is taken), all parameters.
+    `threads` pins torch's intra-op threads while measuring: on a shared machine the loop's tiny ops
+    stall on busy OpenMP threads, which inflates the ratio many times over; None keeps the default.
     """
     from benchmarks.kit.pergrad import per_example_grad_norms
 
+    n_examples, repeats = (8, 1) if tiny else (256, 3)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    protocol = load_protocol("fashion-mnist")
-    data = restrict_train(load_data("fashion-mnist"), n_examples)
-    ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(), seed=0, log=lambda *a: None)
+    ctx = context(fashion_setup(tiny, n_examples))
     model = ctx.new_model("perf").eval()
-    x, y = data.train.normalize(data.train.images), data.train.labels
+    train = ctx.data.train
+    x, y = train.normalize(train.images), train.labels.to(ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loop() -> float:
@@ -202,81 +247,15 @@ def grand_loop_over_batched(n_examples: int = 256, repeats: int = 3, threads: in
             "batched_s": medians["batched"], "threads": threads or previous}
 
 
-# -- online selection: a GREATS step and its products ----------------------------------------------
-
-# protocol, overrides: the fashion-mnist model on real data; ResNet-18 at 32x32 on synthetic images of
-# CIFAR's shape (the cost of a step does not depend on the pixels), each with a held-out split for GREATS.
-ONLINE_SETUPS = {
-    "fashion-mnist": ("fashion-mnist", {"train_subset": 4096, "holdout": 64}),
-    "resnet18": ("cifar10", {"dataset": "synthetic", "holdout": 64,
-                             "data_kwargs": {"n_train": 1024, "n_test": 64, "num_classes": 10, "size": 32,
-                                             "channels": 3}}),
-}
-
-
-def _online_step_setup(setup: str):
-    from benchmarks.core.protocol import apply_overrides
-    from benchmarks.core.run import build_context
-
-    name, overrides = ONLINE_SETUPS[setup]
-    ctx = build_context(apply_overrides(load_protocol(name), overrides), 0, log=lambda *a: None)
-    b = 2 * ctx.protocol.batch_size  # GREATS's default candidate_factor
-    batch = next(iter(ctx.data.train.batches(torch.arange(b), b)))
-    return ctx, batch
-
-
-def _greats_step_ratio(setup: str, repeats: int) -> dict:
-    from benchmarks.api import Step
-    from benchmarks.core.compute import count_flops
-
-    ctx, batch = _online_step_setup(setup)
-    greats = create_method("greats")
-    greats.ctx = ctx
-    trainers = {"greats": Trainer(ctx, ctx.new_model("perf"), greats, evaluate=False),
-                "plain": Trainer(ctx, ctx.new_model("perf"), create_method("full"), evaluate=False)}
-    step = Step(epoch=0, step=0, lr=ctx.protocol.lr, progress=0.0, autocast=trainers["greats"].autocast)
-
-    def greats_step() -> None:
-        trainer = trainers["greats"]
-        selected, selection = trainer._select(batch, step)
-        trainer._step(selected, step, selection)
-
-    def plain_step() -> None:
-        trainers["plain"]._step(batch, step)
-
-    def timed(fn) -> Callable[[], float]:
-        def measure() -> float:
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            fn()
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - started
-        return measure
-
-    flops = {"greats": count_flops(greats_step)[0], "plain": count_flops(plain_step)[0]}  # also warms up
-    medians = _alternate({"greats": timed(greats_step), "plain": timed(plain_step)}, repeats)
-    return {"ratio": medians["greats"] / medians["plain"], "greats_step_ms": 1000 * medians["greats"],
-            "plain_step_ms": 1000 * medians["plain"], "flops_ratio": flops["greats"] / flops["plain"],
-            "candidates": len(batch.y)}
-
-
-def greats_step_over_plain_step(repeats: int = 5) -> dict:
-    return _greats_step_ratio("fashion-mnist", repeats)
-
-
-def greats_step_over_plain_step_resnet18(repeats: int = 3) -> dict:
-    return _greats_step_ratio("resnet18", repeats)
-
-
-def _ghost_ratio(setup: str, repeats: int) -> dict:
+def _ghost_ratio(setup: tuple[str, dict], repeats: int) -> dict:
     from benchmarks.kit.ghost import capture, gram
 
-    ctx, batch = _online_step_setup(setup)
+    ctx = context(setup)
+    b = 2 * ctx.protocol.batch_size  # a candidate batch at the online methods' default factor of 2
+    train = ctx.data.train
+    index = torch.arange(b + 2)  # B candidates + 2 validation examples, in one pass
+    x, y = train.normalize(train.images[index.to(train.images.device)]), train.labels[index].to(ctx.device)
     model = ctx.new_model("perf").eval()  # the BatchNorm rule: products from running statistics
-    x = torch.cat([batch.x, batch.x[:2]])  # B candidates + 2 validation examples, as in a GREATS step
-    y = torch.cat([batch.y, batch.y[:2]])
     captured = capture(model, x, y)
 
     def products(form: str) -> Callable[[], float]:
@@ -292,106 +271,189 @@ def _ghost_ratio(setup: str, repeats: int) -> dict:
     medians = _alternate({"auto": products("auto"), "materialise": products("materialise")}, repeats)
     return {"ratio": medians["auto"] / medians["materialise"], "auto_ms": 1000 * medians["auto"],
             "materialised_ms": 1000 * medians["materialise"], "ghost_weights": used["ghost"],
-            "materialised_weights": used["materialise"]}
+            "materialised_weights": used["materialise"], "candidates": b}
 
 
-def ghost_over_materialised(repeats: int = 5) -> dict:
-    return _ghost_ratio("fashion-mnist", repeats)
+def ghost_over_materialised(tiny: bool = False) -> dict:
+    return _ghost_ratio(fashion_setup(tiny, 2 * TINY_BATCH + 2 if tiny else 1024), 1 if tiny else 5)
 
 
-def ghost_over_materialised_resnet18(repeats: int = 2) -> dict:
-    return _ghost_ratio("resnet18", repeats)
+def ghost_over_materialised_resnet18(tiny: bool = False) -> dict:
+    return _ghost_ratio(resnet18_setup(tiny, 8 if tiny else 258), 1 if tiny else 2)
 
 
-def per_example_costs(model: torch.nn.Module, shape: tuple, classes: int) -> dict:
-    """FLOPs per example, measured with the meter's counter on a batch of 2: a training step, a forward
-    pass, a GraNd pass (all FLOP counts are linear in the batch size)."""
-    from benchmarks.core.compute import count_flops
-    from benchmarks.kit.pergrad import per_example_grad_norms
+# -- per method, through the public run path -------------------------------------------------------
 
-    x, y = torch.randn(2, *shape), torch.arange(2) % classes
-
-    def step():
-        F.cross_entropy(model(x), y).backward()
-
-    model.train()
-    costs = {"step": count_flops(step)[0] // 2}
-    model.eval()
-    with torch.no_grad():
-        costs["forward"] = count_flops(model, x)[0] // 2
-    costs["grand"] = count_flops(per_example_grad_norms, model, x, y)[0] // 2
-    return costs
+def _run(setup: tuple[str, dict], method: str, out: str, **extra) -> dict:
+    name, overrides = setup
+    return execute(RunSpec(name, method, {}, 0, {**overrides, **extra}), out, log=quiet, progress=False,
+                   force=True)
 
 
-def scoring_costs(protocols: tuple = ("fashion-mnist", "datadiet-cifar10", "forgetting-cifar10")) -> dict:
-    """Selection FLOPs of each score method at its defaults (10 proxy runs, fraction 0.5), as a share of
-    one full-data run: an estimate from per-example costs measured with the meter's counter, nothing
-    trained. Runs record the metered figure; class sizes are taken as balanced (true of Fashion-MNIST
-    and CIFAR)."""
-    from benchmarks.core.models import create_model
-    from benchmarks.core.registry import method_class
-    from benchmarks.kit.scoring import early_epoch
+def _after_first_epoch(record: dict, key: str) -> float:
+    """How much of `key` (a cumulative curve column) the epochs after the first added."""
+    curve = record["curve"]
+    return curve[-1][key] - curve[0][key]
 
-    datasets = {"fashion-mnist": (60000, (1, 28, 28), 10), "cifar10": (50000, (3, 32, 32), 10),
-                "cifar100": (50000, (3, 32, 32), 100)}
-    shares = {}
-    for name in protocols:
-        protocol = load_protocol(name)
-        n, shape, classes = datasets[protocol.dataset]
-        n = min(n, protocol.train_subset) if protocol.train_subset else n
-        model = create_model(protocol.model, in_chans=shape[0], num_classes=classes, **protocol.model_kwargs)
-        cost = per_example_costs(model, shape, classes)
-        runs = method_class("el2n").params["score_runs"].default
-        early, epochs = early_epoch(protocol.epochs), protocol.epochs
-        k = n // 2
-        greedy = 2 * model.num_features * k * n / classes  # one mv per pick over each class's members
-        per_method = {
-            "el2n": runs * n * (early * cost["step"] + cost["forward"]),
-            "grand": runs * n * cost["grand"],
-            "grand-lastlayer": runs * n * cost["forward"],
-            "forgetting": runs * n * epochs * cost["step"],
-            "kcenter": n * (early * cost["step"] + cost["forward"]) + greedy,
-        }
-        per_method["ccs"], per_method["herding"] = per_method["el2n"], per_method["kcenter"]
-        full = n * epochs * cost["step"]
-        for method, flops in per_method.items():
-            shares[f"{name}/{method}"] = flops / full
-            print(f"  {name:<20} {method:<16} selection = {flops / full:7.3f} x a full-data run")
-    return shares
+
+def epoch_over_reference(method: str, tiny: bool = False) -> dict:
+    """Training seconds per visited example, the first epoch dropped from both."""
+    n_examples, epochs, repeats = (4 * TINY_BATCH, 3, 1) if tiny else (10000, 4, 2)
+    setup = fashion_setup(tiny, n_examples, epochs=epochs, eval_every=epochs)
+    reference = load_protocol(setup[0]).reference
+    visited = {}
+
+    def seconds_per_example(record: dict) -> float:
+        return _after_first_epoch(record, "seconds") / sum(row["examples"] for row in record["curve"][1:])
+
+    with tempfile.TemporaryDirectory() as out:
+        def method_run() -> float:
+            record = _run(setup, method, out)
+            rows = record["curve"][1:]
+            visited["examples"] = round(sum(row["examples"] for row in rows) / len(rows))
+            return seconds_per_example(record)
+
+        def reference_run() -> float:  # after a method run: the size it visited is known
+            return seconds_per_example(_run(setup, reference, out, train_subset=visited["examples"]))
+
+        medians = _alternate({"method": method_run, "reference": reference_run}, repeats)
+    return {"ratio": medians["method"] / medians["reference"], "visited_share": visited["examples"] / n_examples,
+            "method_us_per_example": 1e6 * medians["method"],
+            "reference_us_per_example": 1e6 * medians["reference"]}
+
+
+def _step_ratio(method: str, setup: tuple[str, dict], epochs: int, repeats: int) -> dict:
+    """Training seconds (and metered FLOPs) per step, the first epoch dropped from both runs."""
+    name, overrides = setup
+    setup = (name, {**overrides, "epochs": epochs, "eval_every": epochs})
+    reference = load_protocol(name).reference
+    shape, flops = {}, {"method": [], "reference": []}
+
+    def per_step(record: dict, who: str) -> float:
+        steps = _after_first_epoch(record, "step")
+        flops[who].append(_after_first_epoch(record, "flops") / steps)
+        return _after_first_epoch(record, "seconds") / steps
+
+    with tempfile.TemporaryDirectory() as out:
+        def method_run() -> float:
+            record = _run(setup, method, out)
+            steps_per_epoch = _after_first_epoch(record, "step") / (epochs - 1)
+            shape["candidates"] = round(record["n_train"] / steps_per_epoch)  # every example a candidate once
+            shape["trained"] = record["curve"][-1]["examples"] / steps_per_epoch
+            return per_step(record, "method")
+
+        def reference_run() -> float:  # after a method run: its candidate batch size is known
+            return per_step(_run(setup, reference, out, batch_size=shape["candidates"]), "reference")
+
+        medians = _alternate({"method": method_run, "reference": reference_run}, repeats)
+    return {"ratio": medians["method"] / medians["reference"], "method_step_ms": 1000 * medians["method"],
+            "reference_step_ms": 1000 * medians["reference"],
+            "flops_ratio": statistics.median(flops["method"]) / statistics.median(flops["reference"]),
+            "candidates": shape["candidates"], "trained": shape["trained"]}
+
+
+def step_over_reference_step(method: str, tiny: bool = False) -> dict:
+    n = 4 * TINY_BATCH if tiny else 2048
+    return _step_ratio(method, fashion_setup(tiny, n, holdout=16 if tiny else 64), 2, 1 if tiny else 3)
+
+
+def step_over_reference_step_resnet18(method: str, tiny: bool = False) -> dict:
+    return _step_ratio(method, resnet18_setup(tiny, 8 if tiny else 256, holdout=8 if tiny else 64), 2,
+                       1 if tiny else 2)
+
+
+def scoring_cost(method: str, tiny: bool = False) -> dict:
+    """Selection FLOPs over one full-data run (the record's compute, as metered) at the method's defaults."""
+    n_examples = 2 * TINY_BATCH if tiny else 1024
+    epochs = 1 if tiny else load_protocol(FASHION).epochs
+    setup = fashion_setup(tiny, n_examples, epochs=epochs, eval_every=epochs)
+    with tempfile.TemporaryDirectory() as out:
+        compute = _run(setup, method, out)["compute"]
+    return {"ratio": compute["selection_flops"] / compute["full_flops"], "selection_flops": compute["selection_flops"],
+            "n_train": n_examples}
 
 
 MEASUREMENTS = {"harness_step_over_bare": harness_step_over_bare,
                 "pipeline_over_dataloader": pipeline_over_dataloader,
-                "infobatch_epoch_over_uniform_epoch": infobatch_epoch_over_uniform_epoch,
-                "grand_loop_over_batched": grand_loop_over_batched,
-                "greats_step_over_plain_step": greats_step_over_plain_step,
-                "greats_step_over_plain_step_resnet18": greats_step_over_plain_step_resnet18,
+                "pergrad_loop_over_batched": pergrad_loop_over_batched,
                 "ghost_over_materialised": ghost_over_materialised,
                 "ghost_over_materialised_resnet18": ghost_over_materialised_resnet18}
+# kind -> (the option naming its methods, the hook a method must implement to be measured, measure)
+PER_METHOD = {"epoch_over_reference": ("epoch_method", "plan_epoch", epoch_over_reference),
+              "step_over_reference_step": ("step_method", "select", step_over_reference_step),
+              "step_over_reference_step_resnet18": ("step_method", "select", step_over_reference_step_resnet18),
+              "scoring_cost": ("cost_method", "prepare", scoring_cost)}
+
+
+def _checked(methods: list[str], hook: str, option: str) -> list[str]:
+    """The named methods, each known and implementing `hook` (else the measurement means nothing)."""
+    for name in methods:
+        if not overrides_hook(create_method(name), hook):  # an unknown name raises BenchError here
+            raise BenchError(f"{option} {name}: the method does not implement `{hook}`, which this measurement times")
+    return methods
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[], dict], str | None]]:
+    """(result name, measure, goal kind) for every measurement asked for, in order."""
+    kinds = args.only or [*MEASUREMENTS, *PER_METHOD]
+    todo = []
+    for kind in kinds:
+        if kind in MEASUREMENTS:
+            todo.append((kind, lambda fn=MEASUREMENTS[kind]: fn(args.tiny), kind))
+            continue
+        option, hook, fn = PER_METHOD[kind]
+        flag = "--" + option.replace("_", "-")
+        if not getattr(args, option):
+            if args.only:
+                raise BenchError(f"--only {kind} measures the methods named by {flag}, and none is named")
+            print(f"(no {flag} named: {kind} not measured)", flush=True)
+        for method in _checked(getattr(args, option), hook, flag):
+            name = f"{kind}/{FASHION}/{method}" if kind == "scoring_cost" else f"{kind}/{method}"
+            todo.append((name, lambda fn=fn, method=method: fn(method, args.tiny), kind if kind in GOALS else None))
+    return todo
+
+
+def report(name: str, detail: dict, goal_kind: str | None) -> None:
+    extras = ", ".join(f"{k}={v:.4g}" for k, v in detail.items() if k != "ratio")
+    if goal_kind is None:
+        print(f"  {name} = {detail['ratio']:.3f} ({extras})", flush=True)
+        return
+    op, goal = GOALS[goal_kind]
+    met = detail["ratio"] <= goal if op == "<=" else detail["ratio"] >= goal
+    print(f"  {name} = {detail['ratio']:.3f} (goal {op} {goal}: {'met' if met else 'NOT met'}; {extras})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tools.perf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="results/perf.json", help="where to write name -> ratio (JSON)")
-    parser.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="measure only these")
+    parser.add_argument("--out", default="results/perf.json", help="where to write name -> ratio (JSON; merged "
+                        "into what the file holds)")
+    parser.add_argument("--only", action="append", choices=[*MEASUREMENTS, *PER_METHOD], help="measure only these")
+    parser.add_argument("--epoch-method", action="append", default=[], metavar="METHOD",
+                        help="a method that plans its epochs, for epoch_over_reference (repeatable)")
+    parser.add_argument("--step-method", action="append", default=[], metavar="METHOD",
+                        help="a method that selects online, for the step_over_reference_step ratios (repeatable)")
+    parser.add_argument("--cost-method", action="append", default=[], metavar="METHOD",
+                        help="a method that scores before training, for scoring_cost (repeatable)")
+    parser.add_argument("--tiny", action="store_true", help="every measurement at a tiny size, in seconds (for "
+                        "tests: the ratios mean nothing)")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    results, details = {}, {}
-    for name in args.only or MEASUREMENTS:
-        print(f"measuring {name} ...", flush=True)
-        detail = MEASUREMENTS[name]()
-        results[name] = round(detail["ratio"], 4)
-        details[name] = detail
-        op, goal = GOALS[name]
-        met = detail["ratio"] <= goal if op == "<=" else detail["ratio"] >= goal
-        extras = ", ".join(f"{k}={v:.4g}" for k, v in detail.items() if k != "ratio")
-        print(f"  {name} = {detail['ratio']:.3f} (goal {op} {goal}: {'met' if met else 'NOT met'}; {extras})",
-              flush=True)
-    if not args.only:
-        print("scoring cost at default settings (selection FLOPs / one full-data run):", flush=True)
-        for key, share in scoring_costs().items():
-            results[f"scoring_cost/{key}"] = round(share, 4)
+    try:
+        todo = plan(args)
+        torch.manual_seed(0)
+        results = {}
+        for name, measure, goal_kind in todo:
+            print(f"measuring {name} ...", flush=True)
+            started = time.perf_counter()
+            detail = measure()
+            detail["took_s"] = time.perf_counter() - started
+            if not (math.isfinite(detail["ratio"]) and detail["ratio"] > 0):
+                raise RuntimeError(f"{name}: measured {detail['ratio']}, not a finite positive ratio")
+            results[name] = float(f"{detail['ratio']:.4g}")
+            report(name, detail, goal_kind)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
