@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.group_dro import GroupDRO, group_mean_losses, update_group_weights
+from baselines.group_dro import GroupDRO, group_balanced_indices, group_mean_losses, update_group_weights
 from benchmarks.api import Method
 from benchmarks.core import train
 from benchmarks.core.evaluation import accuracy, group_metrics
@@ -310,7 +310,7 @@ def test_group_dro_loss_is_the_weighted_sum_of_group_means_with_the_updated_weig
     assert means.tolist() == [2.0, 2.0, 0.0, 0.5] and counts.tolist() == [2, 1, 0, 2]  # absent group 2: loss 0
 
     ctx = build_context(load_protocol(GROUPS), 0, log=quiet, method="group-dro")
-    method = GroupDRO(eta=0.5, adjustment=1.0)
+    method = GroupDRO(eta=0.5, adjustment=1.0, sampling="group-balanced")
     method.ctx = ctx
     model = ctx.new_model("main")
     batch = next(iter(ctx.data.train.batches(torch.arange(64), 64)))
@@ -329,11 +329,41 @@ def test_group_dro_loss_is_the_weighted_sum_of_group_means_with_the_updated_weig
     assert per_example.double().mean().item() == pytest.approx((q * hand).sum().item(), rel=1e-5)
 
 
+def test_group_balanced_sampling_draws_every_group_equally_often():
+    # The official --reweight_groups sampler: with replacement, weight 1 / n_group, N draws an epoch.
+    ctx = build_context(load_protocol(GROUPS), 0, log=quiet, method="group-dro")
+    groups = ctx.data.train.groups
+    sizes = torch.bincount(groups, minlength=8)
+    assert sizes.min() * 4 < sizes.max()  # the data is far from balanced (90% agreement)
+    method = GroupDRO(eta=0.01, adjustment=0.0, sampling="group-balanced")
+    method.ctx = ctx
+    epochs = 20
+    plans = [method.plan_epoch(epoch).indices for epoch in range(epochs)]
+    assert all(len(p) == len(groups) for p in plans)  # an epoch is N examples long
+    assert torch.equal(method.plan_epoch(3).indices, plans[3]) and not torch.equal(plans[3], plans[4])  # seeded
+    drawn = torch.cat(plans)
+    shares = torch.bincount(groups[drawn], minlength=8).double() / len(drawn)
+    sigma = math.sqrt((1 / 8) * (7 / 8) / len(drawn))  # binomial standard error of a share
+    assert (shares - 1 / 8).abs().max() < 4 * sigma, shares
+    # ... and the test can tell: uniform sampling (the option) visits each example once, groups as they are.
+    uniform = GroupDRO(eta=0.01, adjustment=0.0, sampling="uniform")
+    uniform.ctx = ctx
+    assert uniform.plan_epoch(0) is None
+    assert (sizes.double() / len(groups) - 1 / 8).abs().max() > 20 * sigma
+    # Within a group every example is equally likely: a 90/10 split drawn 40,000 times.
+    small = torch.tensor([0] * 90 + [1] * 10)
+    draws = group_balanced_indices(small, 40_000, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=100).double()
+    assert abs(counts[90:].sum() / 40_000 - 0.5) < 4 * math.sqrt(0.25 / 40_000)
+    for members, p in ((counts[:90], 0.5 / 90), (counts[90:], 0.5 / 10)):
+        assert ((members / 40_000 - p).abs() < 4 * math.sqrt(p * (1 - p) / 40_000)).all()
+
+
 def test_group_dro_weights_resume_with_the_checkpoint(three_runs):
     _, records = three_runs
     stats = records["group-dro"]["method_stats"]
     assert len(stats["group_weights"]) == 8 and sum(stats["group_weights"]) == pytest.approx(1.0)
-    method = GroupDRO(eta=0.01, adjustment=0.0)
+    method = GroupDRO(eta=0.01, adjustment=0.0, sampling="group-balanced")
     method.load_state_dict({"q": torch.tensor(stats["group_weights"], dtype=torch.float64)})
     assert method.state_dict()["q"].tolist() == stats["group_weights"]
 
