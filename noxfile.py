@@ -85,7 +85,7 @@ def tables(session: nox.Session) -> None:
 def replicate_fashion(session: nox.Session) -> None:
     """The CPU-scale replication: runs or reuses the records the claims need, then the claims table.
 
-    benchmarks/sweeps/fashion-claims.toml (2 seeds, about 2 h of CPU on 2 cores; complete runs are
+    benchmarks/sweeps/fashion-claims.toml (3 seeds, about 3 h of CPU on 2 cores; complete runs are
     skipped); its records are published (results/records/fashion-claims/) and the published tables
     rebuilt, claims.md among them (results/tables/claims.md). Options after -- go to the sweep; a
     tiny check that leaves results/ alone writes its claims table to OUT/tables/claims.md instead:

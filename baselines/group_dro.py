@@ -11,6 +11,14 @@ and the model's loss is sum_g q_g * L_g with the UPDATED q (gradients flow throu
 q starts uniform; n_g = training examples of group g; C = `adjustment` (0: plain Group DRO; the
 paper's generalisation adjustment otherwise; the term only moves q, it adds a constant to the loss).
 
+Sampling (`sampling`): "group-balanced" (default), as every official command (kohpangwei/group_DRO's
+README runs all use --reweight_groups): each epoch draws N examples WITH replacement, example i with
+probability proportional to 1 / n_{g_i} (torch.utils.data.WeightedRandomSampler there,
+`group_balanced_indices` here), so every group fills about 1/G of each batch and small groups are
+seen many times per epoch. "uniform": every training example once per epoch, shuffled (ERM's
+sampling; the project's earlier default). The draws come from ctx.generator("group-dro-sampling",
+epoch): a resumed run draws the same epochs.
+
 Decisions:
 - Through the `objective` hook: it returns per-example losses l_i * B * q_{g_i} / b_{g_i} (b_g = the
   batch's count of group g), whose batch mean the trainer takes, which is exactly sum_g q_g L_g.
@@ -32,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.api import Batch, Method, Param, Traits, register
+from benchmarks.api import Batch, EpochPlan, Method, Param, Traits, register
 from benchmarks.errors import BenchError
 
 
@@ -51,6 +59,18 @@ def update_group_weights(q: torch.Tensor, group_losses: torch.Tensor, eta: float
     return q / q.sum()
 
 
+def group_balanced_indices(groups: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n training indices drawn with replacement, index i with probability proportional to 1 / (size of its group).
+
+    Every group present is drawn with probability 1 / (number of groups present), whatever its size.
+    """
+    sizes = torch.bincount(groups).double()
+    return torch.multinomial(1.0 / sizes[groups], n, replacement=True, generator=generator)
+
+
+SAMPLINGS = ("group-balanced", "uniform")
+
+
 @register("group-dro")
 class GroupDRO(Method):
     """Group DRO (Sagawa et al. 2020): online exponentiated-gradient weights on the training groups' losses."""
@@ -63,6 +83,9 @@ class GroupDRO(Method):
                      low=0.0, low_open=True),
         "adjustment": Param(0.0, "C of the paper's group adjustment C / sqrt(n_g) added to each group's loss "
                                  "in the weight update; 0 = none", low=0.0),
+        "sampling": Param("group-balanced", "how an epoch draws its N examples: group-balanced (with replacement, "
+                                            "each group equally often, as every official command) or uniform "
+                                            "(each example once, shuffled)", choices=SAMPLINGS),
     }
 
     def __init__(self, **params):
@@ -82,6 +105,15 @@ class GroupDRO(Method):
         self.q = self.q.to(ctx.device)
         c = self.hparams["adjustment"]
         self._adjustment = (c / counts.clamp_min(1).sqrt()).to(ctx.device) if c > 0 else None
+
+    def plan_epoch(self, epoch: int) -> EpochPlan | None:
+        if self.hparams["sampling"] == "uniform":
+            return None  # every example once; the trainer shuffles
+        groups = self.ctx.data.train.groups  # visible: this method declares reads_train_groups
+        if groups is None:
+            raise BenchError("group-dro needs data with group labels (waterbirds, spurious-fashion)")
+        generator = self.ctx.generator("group-dro-sampling", epoch)
+        return EpochPlan(group_balanced_indices(groups.cpu(), len(groups), generator))
 
     def objective(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.group is None:
