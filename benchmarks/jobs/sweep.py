@@ -258,6 +258,56 @@ def sweep_status(manifest: Path) -> list[tuple[int, dict, str, str]]:
     return [(i, line, *run_state(line, slurm, submitted.get(i))) for i, line in enumerate(lines)]
 
 
+def folder_lines(out: str | Path) -> list[dict]:
+    """Pseudo manifest lines for every run a results folder knows of (single `run`s, no manifest): records,
+    checkpoints of unfinished runs and live markers, with the method and parameters a record names."""
+    layout = ResultsLayout(out)
+    ids = {p.stem for p in layout.runs.glob("*.json")} | {p.stem for p in layout.checkpoints.glob("*.pt")}
+    ids |= {p.name for p in (layout.root / "running").glob("*") if "." not in p.name}
+    lines = []
+    for rid in sorted(ids):
+        line = {"out": str(out), "run_id": rid, "method": "?", "params": {}, "seed": "?"}
+        try:
+            record = load_record(layout.record(rid))
+            line.update(method=record["method"], params=record["params"], seed=record["seed"],
+                        wall_clock_s=record.get("wall_clock_s"))
+        except RecordError:
+            pass  # no record yet (unfinished) or a damaged one: run_state says which
+        lines.append(line)
+    return lines
+
+
+def progress_summary(states: list[tuple[int, dict, str, str]]) -> str:
+    """done/total, failures, what is under way, and an ETA from the wall-clock of the runs finished so far
+    (at as many runs at a time as are running now)."""
+    counts: dict[str, int] = {}
+    for _, _, state, _ in states:
+        counts[state] = counts.get(state, 0) + 1
+    total, complete = len(states), counts.get("complete", 0)
+    text = f"progress: {complete}/{total} complete"
+    for state in ("failed", "corrupt", "running", "queued", "interrupted", "missing"):
+        if counts.get(state):
+            text += f", {counts[state]} {state}"
+    walls = []
+    for _, line, state, _ in states:
+        if state == "complete":
+            record_wall = line.get("wall_clock_s")
+            if record_wall is None:
+                try:
+                    record_wall = load_record(ResultsLayout(line["out"]).record(line["run_id"])).get("wall_clock_s")
+                except RecordError:
+                    record_wall = None
+            if isinstance(record_wall, (int, float)):
+                walls.append(record_wall)
+    left = total - complete - counts.get("failed", 0) - counts.get("corrupt", 0)
+    if left and walls:
+        at_once = max(1, counts.get("running", 0))
+        mean = sum(walls) / len(walls)
+        text += (f"; ETA ~{_duration(mean * left / at_once)} (mean run {_duration(mean)} over {len(walls)} finished, "
+                 f"{at_once} at a time)")
+    return text
+
+
 # -- executors ---------------------------------------------------------------------------------------
 
 def compress_indices(indices: list[int]) -> str:
@@ -273,6 +323,11 @@ def task_command(manifest: Path, index: int) -> list[str]:
     return [sys.executable, "-m", "benchmarks", "task", str(manifest), str(index)]
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
 def run_local(manifest: Path, indices: list[int], jobs: int = 1, log=print) -> dict[str, list[int]]:
     """Run manifest lines as subprocesses, `jobs` at a time; returns indices by final state."""
     env = dict(os.environ)
@@ -280,11 +335,15 @@ def run_local(manifest: Path, indices: list[int], jobs: int = 1, log=print) -> d
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     logs = manifest.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pending, running, done = list(indices), {}, 0
+    pending, running, done, failed = list(indices), {}, 0, 0
     started = time.perf_counter()
     while pending or running:
         while pending and len(running) < jobs:
             index = pending.pop(0)
+            line = read_manifest_line(manifest, index)
+            log(f"[start] [{index}] {line['method']} {line['params']} seed {line['seed']}: its epochs are logged in "
+                f"{logs / f'local_{index}.out'}")
+            sys.stdout.flush()  # a log file sees each line as it happens
             log_file = open(logs / f"local_{index}.out", "ab")  # noqa: SIM115 - closed when the task ends
             running[index] = (subprocess.Popen(task_command(manifest, index), stdout=log_file,
                                                stderr=subprocess.STDOUT, env=env), log_file, time.perf_counter())
@@ -296,8 +355,14 @@ def run_local(manifest: Path, indices: list[int], jobs: int = 1, log=print) -> d
             done += 1
             line = read_manifest_line(manifest, index)
             state, detail = run_state(line, {})
+            failed += state != "complete"
+            elapsed = time.perf_counter() - started
+            left = len(indices) - done
+            eta = f", ETA {_duration(elapsed / done * left)}" if left else ""
             log(f"[{done}/{len(indices)}] {state:<9} {line['method']} {line['params']} seed {line['seed']} "
-                f"({time.perf_counter() - t0:.0f} s) {detail}")
+                f"({time.perf_counter() - t0:.0f} s) {detail}".rstrip()
+                + f" | {done} done, {failed} not complete, {left} to go{eta}")
+            sys.stdout.flush()
         time.sleep(0.2)
     log(f"sweep finished in {time.perf_counter() - started:.0f} s; logs in {logs}")
     final = {}

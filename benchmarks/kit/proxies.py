@@ -207,9 +207,12 @@ def train_proxy(ctx: RunContext, run: int, epochs: int, method: Method | None = 
         if partial_path is not None:  # the run's own checkpoint mechanism, owned by the partial's key
             save_checkpoint(partial_path, spent.payload(trainer=trainer.state_dict()), owner=partial_key)
 
+    started = time.perf_counter()
     try:
         while trainer.state.epoch < epochs:  # stop early inside the protocol's schedule (module docstring)
-            trainer.run_epoch(trainer.state.epoch)
+            entry = trainer.run_epoch(trainer.state.epoch)
+            if not ctx.progress:  # a log file: a line per proxy epoch, as for the run's own epochs
+                ctx.log(trainer.epoch_line(entry, time.perf_counter() - started, last=epochs))
             if STOP.is_set() and trainer.state.epoch < epochs:
                 raise Preempted(f"stopped proxy {trainer.tag} after epoch {trainer.state.epoch}")
             keep_partial()

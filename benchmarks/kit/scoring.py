@@ -189,6 +189,7 @@ def compute_scores(ctx: RunContext, kind: str, runs: int, epoch: int) -> tuple[t
         raise BenchError(f"unknown score '{kind}' (known: {', '.join(sorted(SCORE_KINDS))})")
     per_run, cached, extra = [], [], []
     for run in range(runs):
+        ctx.log(f"[scores] {kind}: proxy run {run + 1}/{runs}, scored after {epoch} epoch(s)")
         scores, stats, hit = score_run(ctx, kind, epoch, run)
         ctx.log(f"[scores] {kind} epoch {epoch} run {run + 1}/{runs}" + (" (cached)" if hit else ""))
         per_run.append(scores)
