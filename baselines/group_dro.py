@@ -28,6 +28,9 @@ Decisions:
   protocol (weight decay; checkpoint selection on validation worst-group accuracy), as for JTT.
 - q is part of the checkpoint, so a resumed run continues the same weights (`setup` puts it on the device
   and rebuilds the adjustment from the group counts).
+- Tuning (a sweep's [tuning] table): eta log-uniform in [0.001, 0.1] around the paper's 0.01, and
+  the protocol's learning rate and weight decay (strong L2 is what the paper found it needs), from
+  the same ranges as ERM's and JTT's. `adjustment` and `sampling` stay at the official defaults.
 - Data parallel: refused (single_process_only). Each rank's objective sees only its shard, so its q
   would move with its own group losses and the ranks' weights would drift apart; spreading it needs
   the global batch's per-group sums and counts (all-reduced) in the update.
@@ -40,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.api import Batch, EpochPlan, Method, Param, Traits, register
+from benchmarks.api import Batch, EpochPlan, Method, Param, Space, Traits, register
 from benchmarks.errors import BenchError
 
 
@@ -78,9 +81,10 @@ class GroupDRO(Method):
     traits = Traits(reads_train_groups=True, for_groups=True, headline_params=("eta",),
                     single_process_only="its group weights would be updated from each rank's own shard and "
                                         "drift apart")
+    protocol_space = {"lr": Space.range(1e-3, 1e-1, log=True), "weight_decay": Space.range(1e-4, 1e-1, log=True)}
     params = {
         "eta": Param(0.01, "step size of the group weights' exponentiated-gradient update (the paper's eta_q)",
-                     low=0.0, low_open=True),
+                     low=0.0, low_open=True, space=Space.range(1e-3, 1e-1, log=True)),
         "adjustment": Param(0.0, "C of the paper's group adjustment C / sqrt(n_g) added to each group's loss "
                                  "in the weight update; 0 = none", low=0.0),
         "sampling": Param("group-balanced", "how an epoch draws its N examples: group-balanced (with replacement, "

@@ -194,6 +194,7 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
         sweep_status,
         write_manifest,
     )
+    from benchmarks.jobs.tuning import add_selected_runs, waiting_settings
 
     if args.jobs < 1:
         raise BenchError(f"--jobs {args.jobs}: must be >= 1")
@@ -207,6 +208,8 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
     settings = {"wandb": args.wandb}
     if getattr(args, "device", None) not in (None, "auto"):
         settings["device"] = args.device
+    # Tuned settings whose trials are all complete get their selected runs (phase 2) before the manifest is written.
+    tuning_lines = add_selected_runs(sweep, args.out) if sweep.tuned else []
     manifest, lines = write_manifest(sweep, args.out, args.data_root, settings=settings)
     states = sweep_status(manifest)
     complete = [i for i, _, state, _ in states if state == "complete"]
@@ -215,17 +218,39 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
     print(f"{sweep.source if sweep.source == 'bench' else 'sweep'} {sweep.name}: {len(lines)} runs in {manifest}: "
           f"{len(todo)} to run, {len(complete)} already complete"
           + (f", {len(live)} running or queued" if live else ""), flush=True)
+    if sweep.tuned:
+        waiting = len(waiting_settings(sweep))
+        print(f"tuning: {len(sweep.tuned)} tuned settings, {sweep.tuning.label} each (trials at seed "
+              f"{sweep.tuning.seed}): {len(sweep.tuned) - waiting} selected, {waiting} waiting for their trials")
+        for line in tuning_lines:
+            print(f"  {line}")
     if args.dry_run or not todo:
         for i in todo if args.dry_run else []:
             line = lines[i]
-            print(f"  [{i}] {line['run_id']} {line['method']} {line['params']} seed {line['seed']}")
+            print(f"  [{i}] {line['run_id']} {line['method']} {line['params']} seed {line['seed']}"
+                  + _role(line))
         return 0 if args.dry_run or sweep.source != "bench" else _job_tables(
             manifest, ResultsLayout(args.out).sweep_tables(sweep.name))
     if args.executor == "slurm":
         for slurm, indices in slurm_groups(lines, todo, sweep.slurm, slurm_options):
             submit_slurm(manifest, indices, slurm, job_name=f"bench-{sweep.name}")
+        if waiting_settings(sweep):
+            print(f"tuning: phase 2 (each selected setting at every seed) of {len(waiting_settings(sweep))} tuned "
+                  f"settings is not submitted yet: once `status {sweep.name}` shows their trials complete, run "
+                  "this `sweep` command again to submit it")
         return 0
     final = run_local(manifest, todo, jobs=args.jobs)
+    if waiting_settings(sweep):  # phase 2 here, in the same call, for the settings whose trials just completed
+        before = len(lines)
+        for line in add_selected_runs(sweep, args.out):
+            print(line)
+        if len(sweep.runs) > before:
+            manifest, lines = write_manifest(sweep, args.out, args.data_root, settings=settings)
+            more = [i for i, _, state, _ in sweep_status(manifest)[before:] if state != "complete"
+                    and state not in LIVE_STATES]
+            print(f"tuning phase 2: {len(more)} runs of the selected settings to run", flush=True)
+            for state, indices in run_local(manifest, more, jobs=args.jobs).items():
+                final.setdefault(state, []).extend(indices)
     failed = [i for state, indices in final.items() if state != "complete" for i in indices]
     summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(final.items()))
     print(f"summary: {summary}")
@@ -234,6 +259,18 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
     if not failed or sweep.source == "bench":  # a bench job tables what it has; its failures are in the summary
         _job_tables(manifest, ResultsLayout(args.out).sweep_tables(sweep.name))
     return 1 if failed else 0
+
+
+def _role(line: dict) -> str:
+    """A manifest line's part in a tuned sweep, for listings: ' [trial 3]', ' [selected: trial 3]' or ''."""
+    tuning = line.get("tuning") or {}
+    drawn = ", ".join(f"{k}={line['overrides'].get(k)}" for k in tuning.get("tuned_overrides") or [])
+    drawn = f", {drawn}" if drawn else ""  # the drawn protocol settings (the drawn parameters are in params)
+    if tuning.get("role") == "trial":
+        return f" [trial {tuning.get('trial')}{drawn}]"
+    if tuning.get("role") == "selected":
+        return f" [selected: trial {tuning.get('trial')} of {tuning.get('of')}{drawn}]"
+    return ""
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
@@ -285,7 +322,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for i, line, state, detail in states:
         counts[state] = counts.get(state, 0) + 1
         print(f"[{i:>3}] {state:<11} {line['run_id']} {line['method']} {line['params']} seed {line['seed']}"
-              + (f"  {detail}" if detail else ""))
+              + _role(line) + (f"  {detail}" if detail else ""))
     print("total: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     print(progress_summary(states))
     return 0

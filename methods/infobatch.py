@@ -40,6 +40,9 @@ Decisions, and the known pitfalls of the reference code they avoid:
   still reaches the schedule's final value (tests/test_infobatch.py checks this).
 - Under budget = "iterations" the trainer refills every epoch to the full example count, so
   InfoBatch saves nothing there; its protocols use budget = "epochs".
+- Tuning: nothing has a search space. prune_ratio and delta set how much compute is saved, the
+  axis a table compares (as a subset's fraction); tuned on validation accuracy they would drift to
+  the least pruning. A tuned sweep gives InfoBatch's block `tune = false`, or fixes them with its grid.
 
 Multi-GPU: the epoch plan is a pure function of (score table, epoch, run seed): the random draws come
 from ctx.generator("infobatch", epoch) and nothing else (no global RNG), and the mean is computed on

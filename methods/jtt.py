@@ -48,13 +48,21 @@ Decisions and pitfalls:
   N + lambda_up * |E| examples long under budget = "epochs", so JTT usually costs MORE than ERM
   (compute fraction > 1). Under budget = "iterations" an epoch stays N examples drawn from the
   upsampled list.
+- Tuning (a sweep's [tuning] table; the paper tunes T, lambda_up, the learning rate and the weight
+  decay per dataset on validation worst-group accuracy): T in {1, 2, 3} (stage1_epochs is the
+  paper's T: epochs of ERM before E is read, under either rule), lambda_up in {20, 50, 100}, and
+  the protocol's learning rate and weight decay (log-uniform, shared by both stages: the weight
+  decay is the identification model's regularisation, which decides how much of the minority it
+  misclassifies), from the same ranges as ERM's and Group DRO's. T in {1, 2, 3} is a CPU-scale
+  space (spurious-fashion's 10 epochs; a protocol needs at least 4 epochs for T = 3 under
+  train-log): a paper-scale sweep fixes stage1_epochs with its block's grid (Waterbirds' T = 60).
 """
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.api import EpochPlan, Method, Param, Protocol, RunContext, StepInfo, Traits, register
+from benchmarks.api import EpochPlan, Method, Param, Protocol, RunContext, Space, StepInfo, Traits, register
 from benchmarks.errors import BenchError
 from benchmarks.kit.proxies import (
     Spending,
@@ -162,11 +170,13 @@ class JTT(Method):
     """JTT: ERM for T epochs, then a fresh model with its misclassified training examples upsampled."""
 
     traits = Traits(for_groups=True, headline_params=("stage1_epochs", "lambda_up"))
+    # Shared by both stages (the module docstring's "Tuning"); the ranges are ERM's and Group DRO's.
+    protocol_space = {"lr": Space.range(1e-3, 1e-1, log=True), "weight_decay": Space.range(1e-4, 1e-1, log=True)}
     params = {
         "stage1_epochs": Param(-1, "T, epochs of the stage-1 ERM model; -1 = 20% of the protocol's "
-                                   "(the paper's 60 of 300 on Waterbirds)", low=-1),
+                                   "(the paper's 60 of 300 on Waterbirds)", low=-1, space=(1, 2, 3)),
         "lambda_up": Param(100, "extra copies of each misclassified example (it appears 1 + lambda_up times); "
-                                "the paper's Waterbirds value", low=0),
+                                "the paper's Waterbirds value", low=0, space=(20, 50, 100)),
         "error_set": Param("train-log", "how E is read: train-log (the predictions made while training through "
                                         "epoch T, as the official code) or eval-pass (one eval-mode pass after "
                                         "T epochs)", choices=ERROR_SET_RULES),

@@ -46,6 +46,9 @@ Decisions:
   smoothing included.
 - candidate_factor defaults to 2, as every method of the family here (the paper keeps 10% of a
   larger candidate batch: --param candidate_factor=10 is that setting).
+- Tuning: nothing has a search space. candidate_factor and il_epochs set the compute (the compared
+  axis), scoring_mode and il_checkpoint follow the official code, and the paper runs one setting of
+  them across its datasets. A tuned sweep gives its block `tune = false`.
 """
 
 from __future__ import annotations

@@ -44,7 +44,10 @@ def new_record(identity: dict, status: str, **outcome: Any) -> dict:
     unknown = sorted(set(outcome) - set(OUTCOME_FIELDS) - {"model_path"})
     if unknown:
         raise ValueError(f"not a record field: {unknown[0]}")
-    record = {"schema": SCHEMA, **{key: identity.get(key) for key in IDENTITY_FIELDS}, "status": status}
+    record = {"schema": SCHEMA, **{key: identity.get(key) for key in IDENTITY_FIELDS}}
+    if identity.get("tuning") is not None:  # a tuned sweep's trial or selected run: its role travels with it
+        record["tuning"] = identity["tuning"]
+    record["status"] = status
     for key, empty in OUTCOME_FIELDS.items():
         record[key] = outcome[key] if key in outcome else (empty() if callable(empty) else empty)
     if "model_path" in outcome:

@@ -13,6 +13,9 @@ Spec:
     name = "uniform"
     grid = { fraction = [0.3, 0.5] }    # the cartesian product of the lists; scalars allowed
     slurm = { time = "02:00:00" }       # optional: this block's Slurm options over the spec's
+    [tuning]                            # optional: every block tuned the same way (benchmarks/jobs/tuning.py)
+    trials = 6; metric = "val_worst_group_acc"; seed = 1000
+    (a block with `tune = false` runs its grid untuned; in a tuned block the grid fixes parameters)
 
 Adding a method to a sweep is one [[methods]] block. Blocks with different Slurm options are
 submitted as one job array each (Slurm sets --time per array). `--quick` (a check that every block
@@ -42,10 +45,11 @@ from benchmarks.core.registry import method_class, resolve_params
 from benchmarks.core.spec import RunSpec
 from benchmarks.errors import BenchError
 from benchmarks.jobs.tasks import LIVE_SLURM_STATES, MAX_REQUEUES, marker_alive, read_marker, slurm_states
+from benchmarks.jobs.tuning import TunedSetting, Tuning, parse_tuning, plan_setting
 
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
-SPEC_KEYS = {"name", "protocol", "seeds", "overrides", "methods", "slurm", "description", "save_model"}
-METHOD_KEYS = {"name", "grid", "slurm", "overrides"}
+SPEC_KEYS = {"name", "protocol", "seeds", "overrides", "methods", "slurm", "description", "save_model", "tuning"}
+METHOD_KEYS = {"name", "grid", "slurm", "overrides", "tune"}
 # gpus: per node; nodes x ranks_per_node > 1 makes each run one data-parallel job (srun, one rank per GPU).
 SLURM_DEFAULTS = {"partition": None, "gpus": 0, "time": None, "mem": None, "account": None, "parallel": 8,
                   "cpus_per_task": 1, "extra": [], "max_requeues": MAX_REQUEUES, "nodes": 1, "ranks_per_node": 1}
@@ -63,6 +67,10 @@ class Sweep:
     source: str = ""
     save_model: bool = False
     run_slurm: list[dict] = field(default_factory=list)  # per run: its [[methods]] block's Slurm options
+    tuning: Tuning | None = None  # the spec's [tuning] table
+    # The tuned settings: their trials are in `runs`; their selected runs join `runs` once chosen
+    # (benchmarks.jobs.tuning.add_selected_runs, which needs the results folder's trial records).
+    tuned: list[TunedSetting] = field(default_factory=list)
 
 
 def _check_keys(table: dict, allowed: set, where: str) -> None:
@@ -90,7 +98,8 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
     slurm.update(check_slurm_options(spec.get("slurm", {}), f"{where} [slurm]"))
     if not spec["methods"]:
         raise BenchError(f"{where}: 'methods' is empty")
-    runs, run_slurm = [], []
+    tuning = parse_tuning(spec["tuning"], where, spec["seeds"], quick) if "tuning" in spec else None
+    runs, run_slurm, tuned = [], [], []
     for i, entry in enumerate(spec["methods"]):
         entry_where = f"{where} methods[{i}]"
         _check_keys(entry, METHOD_KEYS, entry_where)
@@ -115,11 +124,24 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
             if not values:
                 raise BenchError(f"{entry_where}: grid '{key}' is empty")
             axes[key] = values[:1] if quick else values
+        tune = entry.get("tune", tuning is not None)
+        if not isinstance(tune, bool):
+            raise BenchError(f"{entry_where}: 'tune' must be true or false, got {tune!r}")
+        if tune and tuning is None:
+            raise BenchError(f"{entry_where}: tune = true needs the spec's [tuning] table (trials, metric, seed)")
         for combo in itertools.product(*axes.values()):
             try:
                 params = resolve_params(entry["name"], dict(zip(axes, combo)))
             except BenchError as exc:
                 raise BenchError(f"{entry_where}: {exc}") from None
+            if tune:  # phase 1: the trials; the grid's values are fixed, the block's and --set's settings too
+                setting = plan_setting(i, spec["protocol"], entry["name"], dict(zip(axes, combo)), overrides,
+                                       set(block_overrides) | set(extra_overrides), tuning, seeds, block_slurm,
+                                       entry_where)
+                tuned.append(setting)
+                runs += setting.trials
+                run_slurm += [dict(block_slurm) for _ in setting.trials]
+                continue
             runs += [RunSpec(spec["protocol"], entry["name"], params, seed, overrides) for seed in seeds]
             run_slurm += [dict(block_slurm) for _ in seeds]
     for run in runs:  # the protocol, overrides and method-protocol fit are checked before anything is written
@@ -127,7 +149,7 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
     save_model = spec.get("save_model", False)
     if not isinstance(save_model, bool):
         raise BenchError(f"{where}: 'save_model' must be true or false, got {save_model!r}")
-    return Sweep(spec["name"], spec["protocol"], runs, slurm, where, save_model, run_slurm)
+    return Sweep(spec["name"], spec["protocol"], runs, slurm, where, save_model, run_slurm, tuning, tuned)
 
 
 def manifest_lines(sweep: Sweep, out: str | Path, data_root: str | None = None,
@@ -141,6 +163,8 @@ def manifest_lines(sweep: Sweep, out: str | Path, data_root: str | None = None,
                 "data_root": str(Path(data_root).resolve()) if data_root else None, **(settings or {})}
         if i < len(sweep.run_slurm) and sweep.run_slurm[i]:
             line["slurm"] = sweep.run_slurm[i]
+        if spec.tuning is not None:  # a trial or a selected run: the descriptor is part of its identity
+            line["tuning"] = spec.tuning
         lines.append(line)
     return lines
 
@@ -189,7 +213,8 @@ def read_manifest_line(manifest: str | Path, index: int) -> dict:
 
 
 def line_spec(line: dict) -> RunSpec:
-    return RunSpec(line["protocol"], line["method"], line["params"], line["seed"], line["overrides"])
+    return RunSpec(line["protocol"], line["method"], line["params"], line["seed"], line["overrides"],
+                   tuning=line.get("tuning"))
 
 
 # -- state of each run, from the files (and squeue, for what is queued) ---------------------------------
