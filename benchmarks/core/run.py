@@ -21,6 +21,7 @@ from benchmarks.core.distributed import Dist
 from benchmarks.core.layout import ResultsLayout
 from benchmarks.core.protocol import Protocol
 from benchmarks.core.record import (
+    SCHEMA,
     check_writable,
     is_complete,
     load_record,
@@ -305,7 +306,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
 
         n_train = ctx.num_train
         identity.update(n_train=n_train, holdout=_holdout_info(ctx))
-        logging_seconds += _call_loggers(loggers, "start", dict(identity, fresh=force,
+        logging_seconds += _call_loggers(loggers, "start", dict(identity, schema=SCHEMA, fresh=force,
                                                                 resumed_at_epoch=trainer.state.epoch), log=log)
 
         def end_of_epoch(t: Trainer) -> None:

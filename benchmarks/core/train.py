@@ -224,9 +224,12 @@ class Trainer:
             entry = self.run_epoch(self.state.epoch)
             if on_epoch_end is not None:
                 on_epoch_end(self)  # (the checkpoint) before the line below: a logged epoch is a saved one
+            # A stop asked for before this point ends the run here; one asked for after the epoch's line
+            # (which a watcher may be waiting for) lands in the next epoch, mid-epoch, at a step boundary.
+            stop = self._agreed(STOP.is_set()) and self.state.epoch < self.epochs
             if not self.ctx.progress:  # a log file (no terminal bar): one line per epoch
                 self.ctx.log(self.epoch_line(entry, time.perf_counter() - started))
-            if self._agreed(STOP.is_set()) and self.state.epoch < self.epochs:
+            if stop:
                 raise Preempted(f"stopped after epoch {self.state.epoch}")
         return self.state
 
