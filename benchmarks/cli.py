@@ -627,6 +627,11 @@ def one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Line by line even into a file or a pipe (a sweep worker's log, `nox ... > log`): progress is seen as
+    # it happens, not when a block buffer fills or the process ends.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
