@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.core.plugins import METHODS_GROUP, failures_note, load_plugins
@@ -30,6 +30,13 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     choices: tuple | None = None
+    # How a value reads in words where a number would puzzle a reader (a sentinel: ccs_beta -1 ->
+    # "paper beta"); plots use it. Not part of the parameter's identity (run ids hash values only).
+    labels: dict | None = field(default=None, compare=False, hash=False)
+
+    def reads(self, value: Any) -> str | None:
+        """The words `labels` gives `value`, or None."""
+        return (self.labels or {}).get(value)
 
     @property
     def kind(self) -> type:
