@@ -355,7 +355,8 @@ def _cmd_tables(args: argparse.Namespace) -> int:
         _records_folder(args.runs, records)
         return rebuild(records, args.out or "results/tables", args.papers)
     records, source = _load(args.runs, args.from_wandb, args.records)
-    return _render(records, source, args.out, tolerance=args.target_tolerance)
+    return _render(records, source, args.out, tolerance=args.target_tolerance,
+                   plots_out=f"{args.out}/plots" if args.out else None)
 
 
 def _records_folder(results: str, records: str | None):
@@ -420,6 +421,10 @@ def _render(records: list[dict], source: str, tables_out, *, tolerance: float = 
 
         for path in write_plots(sections, plots_out):
             print(f"wrote {path}")
+    if tables_out:
+        from benchmarks.reporting.html import write_report
+
+        print(f"wrote {write_report(sections, tables_out, plots_out)}")
     return 0
 
 
@@ -584,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
     p.add_argument("--records", default=None, metavar="DIR",
                    help="a folder of record files instead (searched recursively), e.g. results/records")
-    p.add_argument("--out", default=None, help="also write <protocol>.md and <protocol>.tex per protocol here")
+    p.add_argument("--out", default=None, help="also write <protocol>.md and .tex per protocol, runs.csv, "
+                   "summary.csv, the plots (OUT/plots) and report.html here")
     p.add_argument("--from-wandb", default=None, metavar="ENTITY/PROJECT",
                    help="rebuild the tables from W&B's runs instead of the local records")
     p.add_argument("--target-tolerance", type=float, default=0.01, metavar="T",

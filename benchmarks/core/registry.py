@@ -14,7 +14,7 @@ import dataclasses
 import importlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.core.plugins import METHODS_GROUP, failures_note, load_plugins
@@ -111,6 +111,9 @@ class Param:
     # The search space used when a sweep tunes the method ([tuning] in a sweep spec): a tuple of
     # choices or a Space. None: the parameter is not tuned (it keeps its default, or a grid's value).
     space: Space | tuple | None = None
+    # How a value reads in words where a number would puzzle a reader (a sentinel: ccs_beta -1 ->
+    # "paper beta"); plots use it. Not part of the parameter's identity (run ids hash values only).
+    labels: dict | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         space = as_space(self.space)
@@ -124,6 +127,10 @@ class Param:
                 raise ValueError(f"Param(default {self.default!r}): a range needs a numeric parameter; "
                                  "give a tuple of choices")
         object.__setattr__(self, "space", space)
+
+    def reads(self, value: Any) -> str | None:
+        """The words `labels` gives `value`, or None."""
+        return (self.labels or {}).get(value)
 
     @property
     def kind(self) -> type:

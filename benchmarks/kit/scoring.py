@@ -323,7 +323,7 @@ SELECTION_PARAMS = {
     # parameter, do not change); the ccs method's default is -1 (methods/ccs.py).
     "ccs_beta": Param(0.3, "mode ccs: share of the hardest dropped before stratified sampling; "
                       "-1 = the CCS paper's value for the pruning rate (0.3 at 90% pruned, 0 at 50%)",
-                      low=-1.0, high=1.0, high_open=True),
+                      low=-1.0, high=1.0, high_open=True, labels={PAPER_BETA: "paper beta"}),
 }
 SCORE_RUNS = Param(10, "independent proxy runs whose scores are averaged (the paper: 10)", low=1)
 

@@ -17,6 +17,11 @@ the overrides it would have had untuned (its drawn protocol settings are shown i
 "tuned: N trials on <metric>" and its tuning compute (the trials' compute fractions summed) in their
 own columns; trial runs are never rows of the compared table: a small "tuning trials" table lists
 them. Those columns and that table appear only in sections holding tuned records.
+
+Columns that only some records can fill appear only in sections whose records have them: worst-class
+accuracy (records that keep per-class accuracy, `metrics.test_class_acc`) and the amortised compute
+fraction (records that list the cached work they charged, `compute.artefacts`; see amortised_flops).
+The same tables are also written as CSV (write_csv; the columns are documented in README.md).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ RUN_COLUMNS = ["protocol", "overrides", "budget", "selection_rule", "reference",
                "test_acc",
                "worst_group_acc", "adjusted_avg_acc", "oracle", "fraction", "selection_share", "full_flops",
                "wall_clock_s", "cached_s", "scores_cached", "curve", "run_id", "path", "params", "fingerprint",
-               "role", "tuning", "drawn", "metrics"]
+               "role", "tuning", "drawn", "metrics", "class_acc", "worst_class_acc", "total_flops", "artefacts"]
 TRIAL, SELECTED = "trial", "selected"  # the roles of a tuned sweep's runs (benchmarks/jobs/tuning.py)
 
 
@@ -54,6 +59,19 @@ def overrides_label(overrides_json: str) -> str:
 
 def _number(value) -> float:
     return float("nan") if value is None else float(value)
+
+
+def worst_class(class_acc) -> float:
+    """The lowest per-class accuracy (classes the split lacks, None, left out); NaN without any."""
+    present = [float(a) for a in class_acc or () if a is not None]
+    return min(present) if present else float("nan")
+
+
+def _artefacts(compute: dict) -> tuple:
+    pieces = compute.get("artefacts") or []
+    if not isinstance(pieces, list):
+        raise TypeError("'compute.artefacts' is not a list")
+    return tuple((str(piece["key"]), float(piece["flops"])) for piece in pieces)
 
 
 def _run_row(r: dict) -> dict:
@@ -100,6 +118,8 @@ def _run_row(r: dict) -> dict:
         "params": dict(r["params"]),
         "fingerprint": fingerprint,
         "role": tuning["role"] if tuning else "", "tuning": tuning, "drawn": drawn, "metrics": dict(metrics),
+        "class_acc": metrics.get("test_class_acc"), "worst_class_acc": worst_class(metrics.get("test_class_acc")),
+        "total_flops": _number(compute.get("total_flops")), "artefacts": _artefacts(compute),
     }
 
 
@@ -155,6 +175,25 @@ def steps_to_target(curve: list[dict], target: float | None) -> float:
     return float("nan")
 
 
+def amortised_flops(runs: pd.DataFrame) -> pd.Series:
+    """Per run: its train + selection FLOPs with the cached work shared inside `runs` paid once.
+
+    A run's record lists the pieces of cached work it charged (`compute.artefacts`: {key, flops}; a
+    proxy, a score file). Piece `a` of F_a FLOPs, listed by n_a of the runs, costs F_a once, divided
+    among them: amortised = total - sum of its listed pieces' F + sum over its distinct keys of F_a / n_a.
+    A run that charged `a` twice still bears F_a / n_a once. Runs without pieces keep their total.
+    """
+    users: dict[str, set] = {}
+    for rid, pieces in zip(runs["run_id"], runs["artefacts"]):
+        for key, _ in pieces:
+            users.setdefault(key, set()).add(rid)
+    amortised = []
+    for total, pieces in zip(runs["total_flops"], runs["artefacts"]):
+        shares = {key: flops / len(users[key]) for key, flops in pieces}
+        amortised.append(total - sum(flops for _, flops in pieces) + sum(shares.values()))
+    return pd.Series(amortised, index=runs.index, dtype=float)
+
+
 def has_steps(runs: pd.DataFrame) -> bool:
     """Whether the runs' curves record optimiser steps (every record written by the trainer does)."""
     return any("step" in row for curve in runs["curve"] for row in curve)
@@ -195,6 +234,14 @@ class Section:
             return name
         extra = "_".join(f"{k}-{v}" for k, v in sorted(json.loads(self.overrides).items()))
         return re.sub(r"[^A-Za-z0-9._=-]+", "", f"{name}_{extra}")[:120]
+
+    @property
+    def has_classes(self) -> bool:
+        return bool(self.summary["wc_mean"].notna().any())
+
+    @property
+    def has_amortised(self) -> bool:
+        return bool(self.runs["artefacts"].map(len).any())
 
     @property
     def has_cached(self) -> bool:
@@ -252,6 +299,9 @@ class Section:
                          + ("adjusted avg = per-group test accuracies weighted by the TRAINING group proportions "
                             "(what the papers call average accuracy on Waterbirds); " if self.has_adjusted else "")
                          + "worst-group = the lowest group's test accuracy.")
+        if self.has_classes:
+            notes.append("Worst-class = the lowest per-class test accuracy of each run (records keep every class's: "
+                         "metrics.test_class_acc), mean ± std over seeds.")
         if self.has_oracle:
             notes.append("(oracle) = the method reads training group labels (Group DRO): a reference for what "
                          "group labels buy, not a competitor; every other method never sees them.")
@@ -264,6 +314,11 @@ class Section:
                          "as selection compute.")
         if self.has_tuning:
             notes += self.tuning_notes()
+        if self.has_amortised:
+            notes.append("Amortised = the compute fraction when cached work (proxy training, scores) is paid once "
+                         "across the runs of this table that used it: each piece's FLOPs divided among them "
+                         "(compute.artefacts in each record); the charged compute fraction stays the headline, "
+                         "what one run costs on its own.")
         return notes
 
     def tuning_notes(self) -> list[str]:
@@ -351,6 +406,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         wg_mean=("worst_group_acc", "mean"), wg_std=("worst_group_acc", "std"),
         adj_mean=("adjusted_avg_acc", "mean"), adj_std=("adjusted_avg_acc", "std"), oracle=("oracle", "any"),
         fraction=("fraction", "mean"), selection_share=("selection_share", "mean"),
+        wc_mean=("worst_class_acc", "mean"), wc_std=("worst_class_acc", "std"),
+        amortised=("amortised_fraction", "mean"),
         wall_clock_s=("wall_clock_s", "mean"), cached_s=("cached_s", "mean"), to_target=("to_target", "mean"),
         steps_to_target=("steps_to_target", "mean"), reached=("to_target", "count")).reset_index()
     return summary.sort_values(["fraction", "method", "setting"], na_position="last").reset_index(drop=True)
@@ -370,7 +427,8 @@ def build_sections(records: list[dict], problems: list[str] | None = None,
         full_mean = float(full.mean()) if len(full) else float("nan")
         target = full_mean - tolerance if len(full) else None
         runs = runs.assign(to_target=[compute_to_target(c, target, f) for c, f in zip(runs["curve"], runs["full_flops"])],
-                           steps_to_target=[steps_to_target(c, target) for c in runs["curve"]])
+                           steps_to_target=[steps_to_target(c, target) for c in runs["curve"]],
+                           amortised_fraction=amortised_flops(runs) / runs["full_flops"])
         shown = shown_params(runs)
         runs = runs.assign(shown=[shown[(m, s)] for m, s in zip(runs["method"], runs["setting"])])
         runs = runs.assign(label=[setting_label(p, sh, d) for p, sh, d in zip(runs["params"], runs["shown"],
@@ -429,8 +487,11 @@ def _cells(section: Section, row, plus_minus: str = "±") -> list[str]:
         cells.append(_mean_std(row.adj_mean, row.adj_std, plus_minus))
     if section.has_groups:
         cells.append(_mean_std(row.wg_mean, row.wg_std, plus_minus))
+    if section.has_classes:
+        cells.append(_mean_std(row.wc_mean, row.wc_std, plus_minus))
     cells += ["" if pd.isna(row.delta_vs_full) else f"{100 * row.delta_vs_full:+.2f}",
               "" if pd.isna(row.fraction) else f"{row.fraction:.3f}",
+              *(["" if pd.isna(row.amortised) else f"{row.amortised:.3f}"] if section.has_amortised else []),
               *([_tuning_compute_cell(row)] if section.has_tuning else []),
               _pct(row.selection_share, 1),
               "" if pd.isna(row.wall_clock_s) else f"{row.wall_clock_s:.1f}",
@@ -448,10 +509,28 @@ def _headers(section: Section) -> list[str]:
         headers.append("adjusted avg acc % (mean ± std)")
     if section.has_groups:
         headers.append("worst-group acc % (mean ± std)")
-    return headers + ["Δ vs full (pp)", "compute fraction", *(["tuning compute"] if section.has_tuning else []),
+    if section.has_classes:
+        headers.append("worst-class acc % (mean ± std)")
+    return headers + ["Δ vs full (pp)", "compute fraction",
+                      *(["compute fraction, amortised"] if section.has_amortised else []),
+                      *(["tuning compute"] if section.has_tuning else []),
                       "selection share %", "wall-clock s",
                       *(["cached s"] if section.has_cached else []), "compute to target"] \
         + (["steps to target"] if section.has_steps else []) + ["reached"]
+
+
+def pareto_front(fraction, accuracy) -> list[bool]:
+    """Per point: on the front of accuracy against compute, i.e. no other point costs at most as much and
+    is at least as accurate, better in one of the two (the front = the best accuracy for at most that
+    compute fraction). NaN points are never on it."""
+    points = list(zip(fraction, accuracy))
+    on = []
+    for f, a in points:
+        if f != f or a != a:
+            on.append(False)
+            continue
+        on.append(not any(g <= f and b >= a and (g < f or b > a) for g, b in points if g == g and b == b))
+    return on
 
 
 FRACTION_PARAM = "fraction"
@@ -548,9 +627,14 @@ def _markdown_table(headers: list[str], rows: list[list[str]], text_columns: int
     return [line(headers), rule] + [line(cells) for cells in rows]
 
 
+def section_table(section: Section) -> tuple[list[str], list[list[str]]]:
+    """The section's table as text cells: (headers, rows), as Markdown and HTML show it."""
+    return _headers(section), [_cells(section, row) for row in section.summary.itertuples()]
+
+
 def markdown_section(section: Section) -> str:
-    rows = [_cells(section, row) for row in section.summary.itertuples()]
-    lines = [f"### {section.title}", "", *_markdown_table(_headers(section), rows, _text_columns(section)), ""]
+    headers, rows = section_table(section)
+    lines = [f"### {section.title}", "", *_markdown_table(headers, rows, _text_columns(section)), ""]
     lines += [f"- {note}" for note in section.notes()]
     grid = fraction_grid(section)
     if grid is not None:
@@ -630,6 +714,79 @@ def latex_tables(sections: list[Section]) -> dict[str, str]:
     return {p: header + text for p, text in _per_protocol(sections, latex_section, "\n").items()}
 
 
+# ----- CSV (the column schema is in README.md, "Reading the tables": keep the two in step) -----
+
+RUNS_CSV = ["protocol", "overrides", "variant", "budget", "selection_rule", "reference", "method", "setting", "params",
+            "seed", "run_id", "test_acc", "worst_group_acc", "adjusted_avg_acc", "worst_class_acc", "test_class_acc",
+            "oracle", "fraction", "amortised_fraction", "selection_share", "total_flops", "full_flops", "wall_clock_s",
+            "cached_s", "scores_cached", "compute_to_target", "steps_to_target"]
+SUMMARY_CSV = ["protocol", "overrides", "variant", "budget", "reference", "method", "setting", "n", "test_acc_mean",
+               "test_acc_std", "delta_vs_full", "worst_group_acc_mean", "worst_group_acc_std", "adjusted_avg_acc_mean",
+               "adjusted_avg_acc_std", "worst_class_acc_mean", "worst_class_acc_std", "oracle", "fraction",
+               "amortised_fraction", "selection_share", "wall_clock_s", "cached_s", "compute_to_target",
+               "steps_to_target", "reached", "target_acc", "full_acc_mean", "pareto"]
+
+
+def _integers(values: pd.Series) -> pd.Series:
+    """FLOP counts as integers (empty where unknown), not as 1.9e13-style floats."""
+    return values.round().astype("Int64")
+
+
+def runs_frame(sections: list[Section]) -> pd.DataFrame:
+    """One row per run of every section, the RUNS_CSV columns (lists and dicts as JSON text)."""
+    frames = []
+    for section in sections:
+        runs = section.runs.sort_values(["method", "setting", "seed", "run_id"])
+        frames.append(pd.DataFrame({
+            "protocol": section.protocol, "overrides": section.overrides, "variant": section.variant,
+            "budget": section.budget, "selection_rule": runs["selection_rule"], "reference": section.reference,
+            "method": runs["method"], "setting": runs["label"],
+            "params": runs["params"].map(lambda p: json.dumps(p, sort_keys=True)), "seed": runs["seed"],
+            "run_id": runs["run_id"], "test_acc": runs["test_acc"], "worst_group_acc": runs["worst_group_acc"],
+            "adjusted_avg_acc": runs["adjusted_avg_acc"], "worst_class_acc": runs["worst_class_acc"],
+            "test_class_acc": runs["class_acc"].map(lambda c: "" if c is None else json.dumps(c)),
+            "oracle": runs["oracle"], "fraction": runs["fraction"], "amortised_fraction": runs["amortised_fraction"],
+            "selection_share": runs["selection_share"], "total_flops": _integers(runs["total_flops"]),
+            "full_flops": _integers(runs["full_flops"]), "wall_clock_s": runs["wall_clock_s"], "cached_s": runs["cached_s"],
+            "scores_cached": runs["scores_cached"], "compute_to_target": runs["to_target"],
+            "steps_to_target": runs["steps_to_target"]}, columns=RUNS_CSV))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUNS_CSV)
+
+
+def summary_frame(sections: list[Section]) -> pd.DataFrame:
+    """One row per (section, method, setting), in table order, the SUMMARY_CSV columns."""
+    frames = []
+    for section in sections:
+        s = section.summary
+        frames.append(pd.DataFrame({
+            "protocol": section.protocol, "overrides": section.overrides, "variant": section.variant,
+            "budget": section.budget, "reference": section.reference, "method": s["method"], "setting": s["label"],
+            "n": s["n"], "test_acc_mean": s["acc_mean"], "test_acc_std": s["acc_std"],
+            "delta_vs_full": s["delta_vs_full"], "worst_group_acc_mean": s["wg_mean"],
+            "worst_group_acc_std": s["wg_std"], "adjusted_avg_acc_mean": s["adj_mean"],
+            "adjusted_avg_acc_std": s["adj_std"], "worst_class_acc_mean": s["wc_mean"],
+            "worst_class_acc_std": s["wc_std"], "oracle": s["oracle"], "fraction": s["fraction"],
+            "amortised_fraction": s["amortised"], "selection_share": s["selection_share"],
+            "wall_clock_s": s["wall_clock_s"], "cached_s": s["cached_s"], "compute_to_target": s["to_target"],
+            "steps_to_target": s["steps_to_target"],
+            "reached": s["reached"].astype("Int64") if section.target is not None else pd.NA,
+            "target_acc": section.target if section.target is not None else float("nan"),
+            "full_acc_mean": section.full_mean, "pareto": pareto_front(s["fraction"], s["acc_mean"])},
+            columns=SUMMARY_CSV))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SUMMARY_CSV)
+
+
+def write_csv(sections: list[Section], out: str | Path) -> list[Path]:
+    """runs.csv (one row per run) and summary.csv (one row per table row) of every section."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, frame in (("runs.csv", runs_frame(sections)), ("summary.csv", summary_frame(sections))):
+        frame.to_csv(out / name, index=False, lineterminator="\n")
+        written.append(out / name)
+    return written
+
+
 def build_tables(runs_folder: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> tuple[dict[str, str], list[str]]:
     """Markdown text per protocol (a section per set of overrides), plus one line per unreadable record."""
     records, problems = load_records(runs_folder)
@@ -637,7 +794,7 @@ def build_tables(runs_folder: str | Path, tolerance: float = DEFAULT_TOLERANCE) 
 
 
 def write_tables(sections: list[Section], out: str | Path) -> list[Path]:
-    """<protocol>.md and <protocol>.tex per protocol."""
+    """<protocol>.md and <protocol>.tex per protocol, and runs.csv and summary.csv of them all."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -646,4 +803,4 @@ def write_tables(sections: list[Section], out: str | Path) -> list[Path]:
             path = out / f"{protocol}{suffix}"
             path.write_text(text)
             written.append(path)
-    return written
+    return written + write_csv(sections, out)
