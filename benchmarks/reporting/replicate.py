@@ -1,4 +1,5 @@
-"""Our runs next to the numbers the papers report (results/paper/*.toml, one file per paper).
+"""Our runs next to the numbers the papers report (benchmarks/resources/paper/*.toml, one file per paper;
+--papers names another folder).
 
 (The papers' qualitative claims, `[[claim]]` tables in the same folder, are checked by benchmarks/claims.py.)
 
@@ -30,6 +31,7 @@ else:  # pragma: no cover
 
 from benchmarks.core.record import current_records, params_label, reference_of
 from benchmarks.errors import BenchError
+from benchmarks.resources import PAPERS_DIR
 
 REQUIRED = ("paper", "protocol", "method", "setting", "metric", "value", "source", "tolerance")
 OPTIONAL = ("overrides", "note", "bound")
@@ -122,9 +124,9 @@ def _entry(raw, path: Path, index: int) -> PaperEntry:
                       raw.get("bound"), where)
 
 
-def load_papers(folder: str | Path) -> list[PaperEntry]:
+def load_papers(folder: str | Path | None = None) -> list[PaperEntry]:
     """Every entry of every *.toml under the folder; the first bad entry is one error naming file and entry."""
-    folder = Path(folder)
+    folder = PAPERS_DIR if folder is None else Path(folder)  # default: the files the package ships
     files = sorted(folder.glob("*.toml")) if folder.is_dir() else [folder]
     if not files or not files[0].exists():
         raise BenchError(f"no paper files (*.toml) in {folder}")
