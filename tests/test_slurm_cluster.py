@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 
-from benchmarks.resources import SBATCH_TEMPLATE
+from benchmarks.jobs.sweep import SBATCH_TEMPLATE
 from slurm_support import (
     SLURM_DIR,
     _diagnostics,

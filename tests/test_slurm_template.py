@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.resources import SBATCH_TEMPLATE as TEMPLATE  # the copy the package ships and submits
+from benchmarks.jobs.sweep import SBATCH_TEMPLATE as TEMPLATE  # the copy the package ships and submits
 from slurm_support import REPO
 
 # Each stand-in handles USR1/TERM as the task does (a flag, checkpoint at the next step), then:

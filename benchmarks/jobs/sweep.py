@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 from benchmarks.core.layout import ResultsLayout
@@ -42,7 +43,6 @@ from benchmarks.core.registry import method_class, resolve_params
 from benchmarks.core.spec import RunSpec
 from benchmarks.errors import BenchError
 from benchmarks.jobs.tasks import LIVE_SLURM_STATES, MAX_REQUEUES, marker_alive, read_marker, slurm_states
-from benchmarks.resources import resource_path
 
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 SPEC_KEYS = {"name", "protocol", "seeds", "overrides", "methods", "slurm", "description", "save_model"}
@@ -52,8 +52,9 @@ SLURM_DEFAULTS = {"partition": None, "gpus": 0, "time": None, "mem": None, "acco
                   "cpus_per_task": 1, "extra": [], "max_requeues": MAX_REQUEUES, "nodes": 1, "ranks_per_node": 1}
 SLURM_KEYS = set(SLURM_DEFAULTS)
 MANIFEST_KEYS = ("run_id", "protocol", "method", "params", "seed", "overrides", "out")
-# The array template ships inside the package (benchmarks/resources/): an installed copy submits too.
-SBATCH_TEMPLATE = resource_path("array.sbatch")
+# The array template ships inside the package (benchmarks/resources/, package data): found the same way from a
+# wheel as from a clone, so an installed copy submits too (sbatch copies the script as it submits).
+SBATCH_TEMPLATE = Path(str(files("benchmarks") / "resources" / "array.sbatch"))
 
 
 @dataclass

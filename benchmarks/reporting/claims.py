@@ -60,7 +60,7 @@ else:  # pragma: no cover
 
 from benchmarks.core.record import current_records, params_label
 from benchmarks.errors import BenchError
-from benchmarks.resources import PAPERS_DIR
+from benchmarks.reporting.replicate import PAPERS_DIR
 
 RELATIONS = (">", ">=", "<", "<=", "within")
 SCALES = ("paper", "cpu")

@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -31,12 +32,14 @@ else:  # pragma: no cover
 
 from benchmarks.core.record import current_records, params_label, reference_of
 from benchmarks.errors import BenchError
-from benchmarks.resources import PAPERS_DIR
 
 REQUIRED = ("paper", "protocol", "method", "setting", "metric", "value", "source", "tolerance")
 OPTIONAL = ("overrides", "note", "bound")
 BOUNDS = ("upper", "lower")
 COMPUTE_METRICS = ("saved", "fraction", "selection_share")
+# The papers' numbers and claims ship inside the package (benchmarks/resources/paper/, package data), so `replicate`
+# and `tables --published` find them from a wheel as from a clone (results/paper links there); --papers reads others.
+PAPERS_DIR = Path(str(files("benchmarks") / "resources" / "paper"))
 
 
 @dataclass
