@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from benchmarks.core.layout import ResultsLayout
 from benchmarks.errors import BenchError
+from benchmarks.tools.reproduce import add_parser as add_reproduce_parser
 from benchmarks.tools.scores import add_parser as add_scores_parser
 from benchmarks.tools.toy import add_parser as add_toy_parser
 
@@ -598,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published", action="store_true",
                    help="rebuild the published tables: from --records (default results/records) into --out "
                         "(default results/tables), with plots and replication.md, replacing what was there")
-    p.add_argument("--papers", default="results/paper", help="with --published: the paper files (default results/paper)")
+    p.add_argument("--papers", default=None, help="with --published: the paper files (default: those the package ships)")
     p.set_defaults(func=_cmd_tables)
 
     p = command("plots", "accuracy vs compute saved, and accuracy vs FLOPs curves (PNG and PDF)")
@@ -608,10 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plots)
 
     p = command("replicate", "our runs next to the papers' numbers, and their claims checked "
-                       "(holds / fails / not run) from the records (results/paper/*.toml)")
+                "(holds / fails / undecided / not run) from the records (benchmarks/resources/paper/*.toml)")
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
     p.add_argument("--records", default=None, metavar="DIR", help="a folder of record files instead")
-    p.add_argument("--papers", default="results/paper", help="folder of paper TOML files (default results/paper)")
+    p.add_argument("--papers", default=None, help="folder of paper TOML files (default: those the package ships, "
+                   "benchmarks/resources/paper)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown table here")
     p.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
                    help="which form of the claims ([[claim]] tables) to check: the CPU-scale analogues (default) "
@@ -623,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the --set items a sweep was run with)")
     p.set_defaults(func=_cmd_replicate)
     add_scores_parser(sub)
+    add_reproduce_parser(sub)
     add_toy_parser(sub)
     return parser
 

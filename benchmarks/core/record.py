@@ -27,9 +27,10 @@ class RecordError(Exception):
     """A record file that cannot be read (truncated, not JSON, missing keys)."""
 
 
-# Every record, complete or failed, has these fields in this order (new_record builds them all).
+# Every record, complete or failed, has these fields in this order (new_record builds them all). `code` is the
+# code fingerprint (benchmarks/core/provenance.py); records written before it lack it (env.git stays for them).
 IDENTITY_FIELDS = ("run_id", "protocol", "method", "params", "seed", "overrides", "budget", "group", "selection_rule",
-                   "reads_train_groups", "protocol_fingerprint", "resolved_protocol", "env", "distributed",
+                   "reads_train_groups", "protocol_fingerprint", "resolved_protocol", "env", "code", "distributed",
                    "n_train", "holdout")
 OUTCOME_FIELDS = {"metrics": dict, "compute": None, "wall_clock_s": None, "train_seconds": None,
                   "cached_seconds": None, "charged_seconds": None, "curve": list, "method_stats": dict, "error": None,

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 from benchmarks.core.layout import ResultsLayout
@@ -55,7 +56,9 @@ SLURM_DEFAULTS = {"partition": None, "gpus": 0, "time": None, "mem": None, "acco
                   "cpus_per_task": 1, "extra": [], "max_requeues": MAX_REQUEUES, "nodes": 1, "ranks_per_node": 1}
 SLURM_KEYS = set(SLURM_DEFAULTS)
 MANIFEST_KEYS = ("run_id", "protocol", "method", "params", "seed", "overrides", "out")
-SBATCH_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "array.sbatch"
+# The array template ships inside the package (benchmarks/resources/, package data): found the same way from a
+# wheel as from a clone, so an installed copy submits too (sbatch copies the script as it submits).
+SBATCH_TEMPLATE = Path(str(files("benchmarks") / "resources" / "array.sbatch"))
 
 
 @dataclass

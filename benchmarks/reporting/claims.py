@@ -1,6 +1,6 @@
 """Papers' qualitative claims, checked from run records: holds, fails, undecided, or not run.
 
-A claim (`[[claim]]` in results/paper/*.toml, see results/paper/claims.toml) compares two selections
+A claim (`[[claim]]` in benchmarks/resources/paper/*.toml, see its claims.toml) compares two selections
 of records, left and right, on one metric: "left - right <relation> threshold". It has one form per
 scale (a paper-scale protocol and a CPU-scale analogue), each naming the protocol and both sides:
 
@@ -26,7 +26,7 @@ scale (a paper-scale protocol and a CPU-scale analogue), each naming the protoco
 
 A side matches the complete records of the form's protocol and overrides whose method is the side's and
 whose parameters, with the method's defaults filled in, are the setting's (as replicate matches paper
-numbers). Settings use the "k=v, k=v" syntax of results/paper; a remark in parentheses is ignored.
+numbers). Settings use the "k=v, k=v" syntax of the paper files; a remark in parentheses is ignored.
 
 The significance rule. With n_L, n_R runs (seeds), means m_L, m_R and sample standard deviations
 s_L, s_R: d = m_L - m_R and SE = sqrt(s_L^2 / n_L + s_R^2 / n_R) (Welch). The verdict reads the
@@ -60,6 +60,7 @@ else:  # pragma: no cover
 
 from benchmarks.core.record import current_records, params_label
 from benchmarks.errors import BenchError
+from benchmarks.reporting.replicate import PAPERS_DIR
 
 RELATIONS = (">", ">=", "<", "<=", "within")
 SCALES = ("paper", "cpu")
@@ -168,9 +169,9 @@ def _claim(raw, path: Path, index: int) -> Claim:
                  raw["relation"], float(threshold), forms, str(raw.get("note", "")), where)
 
 
-def load_claims(folder: str | Path) -> list[Claim]:
+def load_claims(folder: str | Path | None = None) -> list[Claim]:
     """Every [[claim]] of every *.toml under the folder (or of one file); names must be unique."""
-    folder = Path(folder)
+    folder = PAPERS_DIR if folder is None else Path(folder)  # default: the files the package ships
     files = sorted(folder.glob("*.toml")) if folder.is_dir() else [folder]
     claims: list[Claim] = []
     for path in files:

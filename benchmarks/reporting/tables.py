@@ -216,6 +216,7 @@ class Section:
     # Set when records of this protocol name come from protocol files of different contents (an edited
     # file): the fingerprint's start tells the versions apart, so none is reported under another's name.
     variant: str = ""
+    code_note: str = ""  # set when the runs come from different code (code_mix_note)
     trials: pd.DataFrame | None = None  # a tuned sweep's trial runs: listed apart, never compared
 
     @property
@@ -319,6 +320,8 @@ class Section:
                          "across the runs of this table that used it: each piece's FLOPs divided among them "
                          "(compute.artefacts in each record); the charged compute fraction stays the headline, "
                          "what one run costs on its own.")
+        if self.code_note:
+            notes.append(self.code_note)
         return notes
 
     def tuning_notes(self) -> list[str]:
@@ -413,6 +416,31 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return summary.sort_values(["fraction", "method", "setting"], na_position="last").reset_index(drop=True)
 
 
+def code_mix_note(records: list[dict], paths) -> str:
+    """A note when a section's runs (their records' paths, the frame's "path") come from different code, ""
+    otherwise: each code fingerprint with its number of runs. Only records that carry one (record["code"])
+    can disagree; older records are counted apart, never a mix by themselves (published tables stay as they were)."""
+    from benchmarks.core.provenance import code_key, code_label
+
+    wanted, by_key, unknown = set(paths), {}, 0
+    for r in records:
+        path = r.get("_path") or r.get("run_id")
+        if path not in wanted:
+            continue
+        wanted.discard(path)  # the frame holds each path once
+        if isinstance(r.get("code"), dict):
+            label, count = by_key.get(code_key(r["code"]), (code_label(r["code"]), 0))
+            by_key[code_key(r["code"])] = (label, count + 1)
+        else:
+            unknown += 1
+    if len(by_key) < 2:
+        return ""
+    parts = [f"{label} ({count} run{'s' if count > 1 else ''})" for label, count in sorted(by_key.values())]
+    if unknown:
+        parts.append(f"no fingerprint ({unknown} run{'s' if unknown > 1 else ''})")
+    return "Mixed code: these runs come from different code: " + "; ".join(parts) + ". Compare with care."
+
+
 def build_sections(records: list[dict], problems: list[str] | None = None,
                    tolerance: float = DEFAULT_TOLERANCE) -> list[Section]:
     frame = records_frame(records, problems)
@@ -440,7 +468,8 @@ def build_sections(records: list[dict], problems: list[str] | None = None,
         sections.append(Section(protocol, overrides, budget, runs, summary, full_mean, target, tolerance,
                                 sorted(runs["selection_rule"].unique()), reference,
                                 variant=version[:8] if versions[(protocol, overrides)] > 1 else "",
-                                trials=trials if len(trials) else None))
+                                trials=trials if len(trials) else None,
+                                code_note=code_mix_note(records, runs["path"])))
     return sections
 
 
