@@ -33,7 +33,7 @@ Decisions and pitfalls:
   under "train-log" at most the protocol's last epoch (T <= epochs - 1, since epoch T is trained).
   Stage 1 follows the protocol's schedule and stops after epoch T (a snapshot of an ERM run, as the
   official code takes epoch T of a 300-epoch ERM run); with a constant schedule (Waterbirds) that is
-  exactly ERM. The stage-1 model is the shared proxy of benchmarks/proxies.py
+  exactly ERM. The stage-1 model is the shared proxy of benchmarks/kit/proxies.py
   (ctx.new_model("score", 0)), so its cached run serves every method that needs the same proxy;
   the train-log error set is cached as well (per protocol, T and seed), charged what it cost.
 - "train-log" reads each example once: stage 1 visits every training example once per epoch. An

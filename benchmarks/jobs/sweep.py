@@ -245,7 +245,7 @@ def submitted_tasks(manifest: Path) -> dict[int, str]:
 def run_state(line: dict, slurm: dict[str, str] | None = None, submitted: str | None = None) -> tuple[str, str]:
     """(state, detail): complete | failed | running | queued | interrupted | corrupt | missing.
 
-    running: a marker that something proves alive (benchmarks/tasks.py); queued: a Slurm task of
+    running: a marker that something proves alive (benchmarks/jobs/tasks.py); queued: a Slurm task of
     this run that squeue still lists, not started yet. A marker that proves nothing (a task killed
     with SIGKILL) leaves the run interrupted (it has a checkpoint) or missing.
     """

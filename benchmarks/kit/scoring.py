@@ -1,6 +1,6 @@
 """Static selection by per-example scores: the machinery every score method shares.
 
-A score method trains `score_runs` independent proxy models (benchmarks/proxies.py), scores every
+A score method trains `score_runs` independent proxy models (benchmarks/kit/proxies.py), scores every
 training example with each (a ScoreKind registered by the method's module: EL2N, GraNd, forgetting,
 AUM ...), averages the scores (keyed by the ORIGINAL dataset index), keeps a static subset chosen
 from the averaged scores (`select_by_scores`), and trains the main model on it (ScoreSelection).

@@ -1,7 +1,7 @@
 """Our runs next to the numbers the papers report (benchmarks/resources/paper/*.toml, one file per paper;
 --papers names another folder).
 
-(The papers' qualitative claims, `[[claim]]` tables in the same folder, are checked by benchmarks/claims.py.)
+(The papers' qualitative claims, `[[claim]]` tables in the same folder, are checked by benchmarks/reporting/claims.py.)
 
 Each [[entry]] names: paper, protocol, method, setting ("-" or "k=v, k=v" like report.params_label;
 a remark in parentheses is ignored, "--set k=v" items are protocol overrides), metric, value, source
@@ -141,7 +141,7 @@ def load_papers(folder: str | Path | None = None) -> list[PaperEntry]:
             raise BenchError(f"{path}: not readable TOML ({exc})") from None
         raw_entries = data.get("entry")
         if raw_entries is None and "claim" in data:
-            continue  # a file of claims only (benchmarks/claims.py)
+            continue  # a file of claims only (benchmarks/reporting/claims.py)
         if not isinstance(raw_entries, list) or not raw_entries:
             raise BenchError(f"{path}: no [[entry]] tables")
         entries += [_entry(raw, path, i) for i, raw in enumerate(raw_entries, 1)]
