@@ -60,7 +60,16 @@ import torch
 
 from benchmarks.api import Batch, Param, Selection, Step, register
 from benchmarks.errors import BenchError
-from benchmarks.kit.ghost import FORMS, capture, gram_with_validation, has_batchnorm, subset_gradient
+from benchmarks.kit.ghost import (
+    FORMS,
+    capture,
+    gram_with_validation,
+    has_batchnorm,
+    last_block,
+    restrict,
+    sketched_with_validation,
+    subset_gradient,
+)
 from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, scoring_mode
 from benchmarks.kit.pergrad import hooked_layers
 
@@ -96,6 +105,14 @@ def set_value(values: torch.Tensor, interactions: torch.Tensor, subset, eta: flo
     return float(value)
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score vectors (ranks by position; ties, rare for real-valued
+    scores, ranked in order)."""
+    ranks = [torch.argsort(torch.argsort(v.detach().double().cpu())).double() for v in (a, b)]
+    ra, rb = (r - r.mean() for r in ranks)
+    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-300))
+
+
 @register("greats")
 class Greats(OnlineSelection):
     """Greedy k of B by a 2nd-order validation-loss gain; products with BatchNorm in eval mode, then a train pass.
@@ -115,12 +132,18 @@ class Greats(OnlineSelection):
                       choices=FORMS),
         "one_pass": Param(True, "train on the subset gradient formed from the candidate pass when the model "
                                 "has no BatchNorm"),
+        "products": Param("all", "which parameters the products cover: all (exact GREATS) or last = the "
+                                 "classifier and the last block (a fast form, see the docstring)",
+                          choices=("all", "last")),
+        "sketch": Param(0, "0: exact products; d > 0: products of per-example gradients sketched to at most "
+                           "d x d numbers per weight (a fast form, see the docstring)", low=0),
     }
 
     def __init__(self, **params):
         super().__init__(**params)
         self.validation: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.stats = {"one_pass_steps": 0, "two_pass_steps": 0, "ghost_weights": 0, "materialised_weights": 0}
+        self.stats = {"one_pass_steps": 0, "two_pass_steps": 0, "ghost_weights": 0, "materialised_weights": 0,
+                      "sketched_weights": 0}
 
     @classmethod
     def check_params(cls, params: dict) -> None:
@@ -155,16 +178,15 @@ class Greats(OnlineSelection):
         n, k = len(batch.y), self.kept(batch)
         if k >= n:
             return None
-        val_x, val_y = self.validation_batch(step.step)
         one_pass = self.hparams["one_pass"] and not has_batchnorm(model)
-        # Two passes: BatchNorm from running statistics (eval mode), see the module docstring.
-        with (nullcontext() if one_pass else scoring_mode(model)), step.autocast():
-            captured = capture(model, torch.cat([batch.x, val_x.to(batch.x.dtype)]), torch.cat([batch.y, val_y]),
-                               self.ctx.protocol.label_smoothing)
-        values, interactions, used = gram_with_validation(captured, n, self.hparams["form"],
-                                                          self.hparams["interaction"])
-        keep = greedy_pick(values, interactions, k, step.lr, self.hparams["interaction"])
-        self.stats["ghost_weights"], self.stats["materialised_weights"] = used["ghost"], used["materialise"]
+        # One pass trains on every layer's factors; two passes capture only the layers the products use.
+        captured = self.candidate_pass(batch, model, step, one_pass,
+                                       None if one_pass or self.hparams["products"] == "all" else last_block(model))
+        values, interactions, used = self.products(captured, n, model, step.step)
+        keep = self.pick(values, interactions, k, step.lr)
+        for form, key in (("ghost", "ghost_weights"), ("materialise", "materialised_weights"),
+                          ("sketched", "sketched_weights")):
+            self.stats[key] = used.get(form, 0)
         self.stats["one_pass_steps" if one_pass else "two_pass_steps"] += 1
         if not one_pass:
             return Selection(keep=keep)
@@ -172,6 +194,61 @@ class Greats(OnlineSelection):
         weights = batch.weight[keep_dev] if batch.weight is not None else None
         return Selection(keep=keep, gradients=subset_gradient(model, captured, keep_dev, weights),
                          losses=captured.losses[keep_dev], logits=captured.logits[keep_dev])
+
+    def pick(self, values: torch.Tensor, interactions: torch.Tensor | None, k: int, lr: float) -> torch.Tensor:
+        """The greedy's k positions from this step's products (`greedy_pick` with this instance's `interaction`)."""
+        return greedy_pick(values, interactions, k, lr, self.hparams["interaction"])
+
+    def candidate_pass(self, batch: Batch, model: torch.nn.Module, step: Step, one_pass: bool,
+                       layers: list | None = None):
+        """One forward/backward over the B candidates and this step's validation examples, keeping `layers`'
+        factors (all by default). Two passes: BatchNorm from running statistics (eval mode), see the
+        module docstring; one pass: the model's training mode, this pass being the training forward."""
+        val_x, val_y = self.validation_batch(step.step)
+        with (nullcontext() if one_pass else scoring_mode(model)), step.autocast():
+            return capture(model, torch.cat([batch.x, val_x.to(batch.x.dtype)]), torch.cat([batch.y, val_y]),
+                           self.ctx.protocol.label_smoothing, layers)
+
+    def products(self, captured, n: int, model: torch.nn.Module, step_number: int, exact: bool = False):
+        """(g_i . g_val [n], g_i . g_j [n, n] or None, weights per form) of the n candidates of `captured`, in
+        this instance's form (`products`, `sketch`), or the exact whole-model form with `exact`."""
+        interaction = self.hparams["interaction"]
+        if exact:
+            return gram_with_validation(captured, n, self.hparams["form"], interaction)
+        if self.hparams["products"] == "last":
+            captured = restrict(captured, last_block(model))
+        if not self.hparams["sketch"]:
+            return gram_with_validation(captured, n, self.hparams["form"], interaction)
+        generator = self.ctx.generator("greats-sketch", step_number)  # the same sketch on every rank and resume
+        return sketched_with_validation(captured, n, self.hparams["sketch"], generator, interaction)
+
+    def fidelity(self, batch: Batch, model: torch.nn.Module, step: Step, reference_seed: int = 0) -> dict:
+        """How this instance's product form (`products`, `sketch`) chooses against the exact whole-model form, on
+        the SAME candidates and validation examples (one capture of every layer, the module's BatchNorm rule):
+
+        - overlap: |K_fast & K_exact| / k, the kept sets' shared share;
+        - spearman: rank correlation of the first-order scores g_i . g_val between the forms;
+        - gain_exact, gain_fast: the second-order Taylor estimate the greedy maximises, f(K) (the predicted
+          decrease of the validation loss, in the module's convention), evaluated with the EXACT products
+          for both kept sets; gain_random: the same for k candidates drawn at random (from
+          `reference_seed`), and gain_top_k: for the top-k of the exact first-order scores, for scale.
+        The model is left as it was (no step is taken)."""
+        n, k = len(batch.y), self.kept(batch)
+        one_pass = self.hparams["one_pass"] and not has_batchnorm(model)
+        captured = self.candidate_pass(batch, model, step, one_pass)
+        values, interactions, _ = self.products(captured, n, model, step.step, exact=True)
+        if interactions is None:  # the gains are measured with the exact second-order term regardless
+            _, interactions, _ = gram_with_validation(captured, n, self.hparams["form"], True)
+        fast_values, fast_interactions, _ = self.products(captured, n, model, step.step)
+        kept = {"exact": self.pick(values, interactions, k, step.lr),
+                "fast": self.pick(fast_values, fast_interactions, k, step.lr)}
+        random = torch.randperm(n, generator=torch.Generator().manual_seed(reference_seed))[:k]
+        top = torch.argsort(values.detach().double().cpu(), descending=True, stable=True)[:k]
+        gain = {name: set_value(values, interactions, subset.tolist(), step.lr)
+                for name, subset in (*kept.items(), ("random", random), ("top_k", top))}
+        return {"overlap": len(set(kept["fast"].tolist()) & set(kept["exact"].tolist())) / k,
+                "spearman": spearman(fast_values, values),
+                **{f"gain_{name}": value for name, value in gain.items()}, "k": k, "candidates": n}
 
     def summary(self) -> dict:
         return dict(self.stats)
