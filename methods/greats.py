@@ -11,8 +11,9 @@ Algorithm, every step, from a candidate batch of B = k x `candidate_factor` exam
      the identity). With `interaction` off, step 3 is a plain top-k of step 2.
 The sum of the gains of the picks is f(S) = eta sum_{i in S} g_i . g_val - eta^2 sum_{i<j in S} g_i . g_j,
 and each pick is the candidate with the largest marginal gain f(S + i) - f(S) (tests/test_online.py
-checks it against exhaustive search). Products come from benchmarks/ghost.py: one forward/backward
-over the B candidates and the validation examples together, per-layer ghost or materialised products.
+checks it against exhaustive search). Products come from benchmarks/kit/ghost.py: one forward/backward
+over the B candidates and the validation examples together, per-layer ghost or materialised products
+(exact, the default), or a fast form: `products = "last"`, `sketch = d` (see Decisions).
 
 Use: python -m benchmarks run --protocol fashion-mnist --method greats --set holdout=0.1
 
@@ -46,6 +47,45 @@ Decisions, and the pitfalls of the reference code they avoid:
 - The greedy runs on the CPU in float64 (one B x B transfer per step instead of k small device
   launches); ties go to the earlier candidate.
 - The validation batch of a step is drawn from (run seed, step number): a resumed run draws the same.
+- Fast product forms, never the default (`products = "all"`, `sketch = 0` is the exact whole-model
+  GREATS). Why they exist: the official code computes its products only on LoRA layers, which is why
+  it runs near the speed of training; whole-model products on a CNN cost about n^2 x (parameters)
+  multiply-adds, more than the training step itself (benchmarks.kit.ghost). Two named approximations,
+  measured against the exact form by `fidelity` and benchmarks/tools/greats_speed.py:
+  * products = "last": the products cover the classifier and the last block only
+    (benchmarks.kit.ghost.last_block), in the spirit of the LoRA-only products. With BatchNorm (two
+    passes) only those layers' factors are captured, so the candidate backward stops at the last block
+    (no input-gradient convolutions below it); one pass still captures every layer (the training
+    gradient needs them) and restricts the products. On small-cnn the last block holds most of the
+    parameters, so it saves little there; on ResNet-18 it is a few percent of the products.
+  * sketch = d: every weight's per-example gradient projected to at most d x d numbers by a seeded
+    two-sided Gaussian (Kronecker) Johnson-Lindenstrauss sketch computed from the factors
+    (benchmarks.kit.ghost.sketch_gradients: unbiased products, exact on a side no longer than d,
+    biases and BatchNorm parameters kept exactly), then one matmul of the sketched gradients. The
+    projections are drawn from (run seed, step): the same on every rank and after a resume, fresh
+    each step so that their errors do not repeat. `form` does not apply to sketched weights.
+  Both can be combined; the meter counts them as run, like the exact form. Measured by greats_speed
+  (2 loaded CPU cores, 1 thread, medians of 5 alternated repeats; the Fashion-MNIST model after 100
+  plain steps, k = 256 of B = 512; fidelity against the exact form on the same 3 candidate batches):
+      form          step time / plain step on B   FLOPs / same   kept-set overlap   Spearman   gain / exact's
+      all (exact)   2.78                          3.69           1                  1          1
+      last          1.72                          2.75           0.88               0.960      0.977
+      sketch = 16   2.02                          1.30           0.86               0.981      0.975
+      last + 16     1.02                          0.88           0.83               0.882      0.940
+  (gain: the exact second-order Taylor gain f(K) of the kept set; a random k scores -0.15 of exact's,
+  the top-k of the first-order scores -13.4.) Wall time trails FLOPs on the CPU: the candidate pass
+  with its hooks costs about a plain step on B in time (0.65 s against 0.34 s for a step on k) while
+  it is 2/3 of one in FLOPs; only `last` shortens it.
+- Where a run's charge goes (record fashion-online, GREATS at defaults: 7.39x full's compute, while
+  perf's per-step FLOP ratio is 3.69x). One step = selection (the candidate pass over B + 2
+  examples: a forward and a backward to each layer's output, no weight gradients, about 2/3 of a
+  training step over them; the products; the greedy, no FLOPs, CPU) + training (the kept k in a
+  second, train-mode pass, since the model has BatchNorm: exactly a `full` step). perf's ratio divides
+  by a plain step over the B = 2k CANDIDATES; the run is compared with `full`, whose steps train on k,
+  and under budget = iterations (the online sweeps) GREATS takes full's number of steps. So the run's
+  ratio is the per-step FLOPs over a plain step on k = 2 x 3.69 = 7.39: the same figure, two
+  denominators, no extra pass (greats_speed reports both, `flops_over_plain` and `run_over_full`).
+  Under budget = epochs a GREATS epoch takes N/B steps and the run's ratio would equal the per-step one.
 - Tuning: val_size in {5, 10, 20} (how many held-out examples define "validation": the official
   code's 5 is a handful, and more examples make the gradient it aims at less noisy; the cost per step
   depends on val_batch, not val_size). candidate_factor, the compared axis, is not tuned.
