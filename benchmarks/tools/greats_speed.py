@@ -124,7 +124,8 @@ def measure_setup(name: str, protocol: str, overrides: dict, warm_steps: int, re
     for form, method in methods.items():
         log(f"{name}: fidelity of '{form}' ...")
         reports = [method.fidelity(candidates, copy.deepcopy(warm), step) for candidates in batches]
-        fidelity[form] = {key: statistics.fmean(r[key] for r in reports) for key in reports[0]}
+        fidelity[form] = {key: statistics.fmean(r[key] for r in reports) for key, value in reports[0].items()
+                          if not isinstance(value, list)}
 
     def greats_step(form: str) -> Callable[[], None]:
         def run() -> None:
