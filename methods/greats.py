@@ -42,7 +42,7 @@ Decisions, and the pitfalls of the reference code they avoid:
   candidate pass then runs in train mode: it IS the training forward of the kept examples.
 - The validation gradient uses the training loss (the protocol's label smoothing included), on
   un-augmented held-out images; the validation examples are never trained on.
-- Every method of the family draws the same B and trains on the same k (benchmarks/online.py); the
+- Every method of the family draws the same B and trains on the same k (benchmarks/kit/online.py); the
   official code's baselines train on half as many examples per step as GREATS.
 - The greedy runs on the CPU in float64 (one B x B transfer per step instead of k small device
   launches); ties go to the earlier candidate.

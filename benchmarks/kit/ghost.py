@@ -2,7 +2,7 @@
 
 GREATS (Wang et al., NeurIPS 2024) needs, for a candidate batch, every g_i . g_j and every
 g_i . g_val (g_i: the gradient of example i's loss over ALL trainable parameters). Built on the
-per-layer machinery of benchmarks/pergrad.py: one forward and one backward of the summed loss,
+per-layer machinery of benchmarks/kit/pergrad.py: one forward and one backward of the summed loss,
 keeping each parameterised layer's input A_i (d x T after unfolding) and output gradient B_i (p x T),
 T being the sequence axis (spatial positions for nn.Conv2d, 1 for a Linear on flat features). A
 layer's per-example weight gradient is B_i A_i^T, so
@@ -31,7 +31,7 @@ with the validation examples (n x 2) are cheap.
 
 What the hooks cannot handle: a layer whose examples interact. BatchNorm in train mode normalises
 with the batch's statistics, so one example's loss depends on every other example and per-example
-gradients are not defined by one batched pass. The rule (as GraNd's, benchmarks/pergrad.py):
+gradients are not defined by one batched pass. The rule (as GraNd's, benchmarks/kit/pergrad.py):
 per-example quantities are computed with BatchNorm in eval mode, from its running statistics; the
 caller switches the model to eval mode, and `capture` refuses a BatchNorm layer in train mode.
 Covered layer types are pergrad's (exact nn.Linear, nn.Conv2d with zero padding and groups = 1,
