@@ -5,7 +5,7 @@ their compute fraction's denominator).
 Online backbone -> projector -> predictor learns to predict, from one augmented view, the target
 network's projection of another view; the target is an EMA of the online network and gets no
 gradient. Everything BYOL shares with RELA (the networks, the symmetric loss, the EMA with its fixed
-or cosine momentum, the `budget` of fresh random subsets per epoch) is in benchmarks/ssl.py, with
+or cosine momentum, the `budget` of fresh random subsets per epoch) is in benchmarks/kit/ssl.py, with
 the decisions and the official code's settings (LINs-lab/ReLA: momentum 0.99, projector
 feat -> 2 feat -> 256, predictor 256 -> 2 feat -> 256) in its docstring.
 

@@ -11,6 +11,14 @@ and the model's loss is sum_g q_g * L_g with the UPDATED q (gradients flow throu
 q starts uniform; n_g = training examples of group g; C = `adjustment` (0: plain Group DRO; the
 paper's generalisation adjustment otherwise; the term only moves q, it adds a constant to the loss).
 
+Sampling (`sampling`): "group-balanced" (default), as every official command (kohpangwei/group_DRO's
+README runs all use --reweight_groups): each epoch draws N examples WITH replacement, example i with
+probability proportional to 1 / n_{g_i} (torch.utils.data.WeightedRandomSampler there,
+`group_balanced_indices` here), so every group fills about 1/G of each batch and small groups are
+seen many times per epoch. "uniform": every training example once per epoch, shuffled (ERM's
+sampling; the project's earlier default). The draws come from ctx.generator("group-dro-sampling",
+epoch): a resumed run draws the same epochs.
+
 Decisions:
 - Through the `objective` hook: it returns per-example losses l_i * B * q_{g_i} / b_{g_i} (b_g = the
   batch's count of group g), whose batch mean the trainer takes, which is exactly sum_g q_g L_g.
@@ -20,6 +28,9 @@ Decisions:
   protocol (weight decay; checkpoint selection on validation worst-group accuracy), as for JTT.
 - q is part of the checkpoint, so a resumed run continues the same weights (`setup` puts it on the device
   and rebuilds the adjustment from the group counts).
+- Tuning (a sweep's [tuning] table): eta log-uniform in [0.001, 0.1] around the paper's 0.01, and
+  the protocol's learning rate and weight decay (strong L2 is what the paper found it needs), from
+  the same ranges as ERM's and JTT's. `adjustment` and `sampling` stay at the official defaults.
 - Data parallel: refused (single_process_only). Each rank's objective sees only its shard, so its q
   would move with its own group losses and the ranks' weights would drift apart; spreading it needs
   the global batch's per-group sums and counts (all-reduced) in the update.
@@ -32,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.api import Batch, Method, Param, Traits, register
+from benchmarks.api import Batch, EpochPlan, Method, Param, Space, Traits, register
 from benchmarks.errors import BenchError
 
 
@@ -51,6 +62,18 @@ def update_group_weights(q: torch.Tensor, group_losses: torch.Tensor, eta: float
     return q / q.sum()
 
 
+def group_balanced_indices(groups: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n training indices drawn with replacement, index i with probability proportional to 1 / (size of its group).
+
+    Every group present is drawn with probability 1 / (number of groups present), whatever its size.
+    """
+    sizes = torch.bincount(groups).double()
+    return torch.multinomial(1.0 / sizes[groups], n, replacement=True, generator=generator)
+
+
+SAMPLINGS = ("group-balanced", "uniform")
+
+
 @register("group-dro")
 class GroupDRO(Method):
     """Group DRO (Sagawa et al. 2020): online exponentiated-gradient weights on the training groups' losses."""
@@ -58,11 +81,15 @@ class GroupDRO(Method):
     traits = Traits(reads_train_groups=True, for_groups=True, headline_params=("eta",),
                     single_process_only="its group weights would be updated from each rank's own shard and "
                                         "drift apart")
+    protocol_space = {"lr": Space.range(1e-3, 1e-1, log=True), "weight_decay": Space.range(1e-4, 1e-1, log=True)}
     params = {
         "eta": Param(0.01, "step size of the group weights' exponentiated-gradient update (the paper's eta_q)",
-                     low=0.0, low_open=True),
+                     low=0.0, low_open=True, space=Space.range(1e-3, 1e-1, log=True)),
         "adjustment": Param(0.0, "C of the paper's group adjustment C / sqrt(n_g) added to each group's loss "
                                  "in the weight update; 0 = none", low=0.0),
+        "sampling": Param("group-balanced", "how an epoch draws its N examples: group-balanced (with replacement, "
+                                            "each group equally often, as every official command) or uniform "
+                                            "(each example once, shuffled)", choices=SAMPLINGS),
     }
 
     def __init__(self, **params):
@@ -82,6 +109,15 @@ class GroupDRO(Method):
         self.q = self.q.to(ctx.device)
         c = self.hparams["adjustment"]
         self._adjustment = (c / counts.clamp_min(1).sqrt()).to(ctx.device) if c > 0 else None
+
+    def plan_epoch(self, epoch: int) -> EpochPlan | None:
+        if self.hparams["sampling"] == "uniform":
+            return None  # every example once; the trainer shuffles
+        groups = self.ctx.data.train.groups  # visible: this method declares reads_train_groups
+        if groups is None:
+            raise BenchError("group-dro needs data with group labels (waterbirds, spurious-fashion)")
+        generator = self.ctx.generator("group-dro-sampling", epoch)
+        return EpochPlan(group_balanced_indices(groups.cpu(), len(groups), generator))
 
     def objective(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.group is None:

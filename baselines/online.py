@@ -1,14 +1,14 @@
 """Online batch selection baselines of the GREATS paper (Wang et al., NeurIPS 2024), in the same mode.
 
 Each draws the same candidate batch of B = batch_size x candidate_factor examples as GREATS and
-trains on the same k = batch_size of them (benchmarks/online.py says why, and what the official
+trains on the same k = batch_size of them (benchmarks/kit/online.py says why, and what the official
 code does instead):
 - uniform-online: k of the B at random (the control: random batches, paid for with B candidates).
 - max-loss: the k with the highest training loss (Loshchilov & Hutter 2015's online batch
   selection by loss; GREATS's "MaxLoss"), one eval-mode forward over B.
 - grad-norm: the k with the largest per-example gradient norm over all parameters (Katharopoulos &
   Fleuret 2018's importance signal, kept greedily as in GREATS's "GradNorm"), batched with
-  benchmarks/pergrad.py: one eval-mode forward and backward over B plus the per-layer norm products.
+  benchmarks/kit/pergrad.py: one eval-mode forward and backward over B plus the per-layer norm products.
 Use: python -m benchmarks run --protocol fashion-mnist --method max-loss --set holdout=0.1
 (any protocol; the held-out split only matters for comparing with GREATS and RHO-Loss on the same data).
 """

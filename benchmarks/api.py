@@ -1,10 +1,14 @@
 """The public contract between the suite and a data-efficiency method: everything a method author needs.
 
-    from benchmarks.api import Method, Param, Traits, register, Batch, EpochPlan, Selection, Step, StepInfo
+    from benchmarks.api import Method, Param, Space, Traits, register, Batch, EpochPlan, Selection, Step, StepInfo
 
 A method is a class registered under a name (`@register("name")`), with its parameters declared in
-`params` (name -> `Param`: default, range or choices) and its traits in ONE place, `traits =
+`params` (name -> `Param`: default, range or choices, and the search space a tuned sweep draws from,
+`space=(choices)` or `space=Space.range(low, high, log=True)`) and its traits in ONE place, `traits =
 Traits(...)` (kind, held-out split, oracle group labels, candidate factor, data-parallel limits ...).
+`protocol_space` (protocol setting -> Space) names the protocol settings the method's paper tunes for
+it (JTT's learning rate and weight decay, shared by both stages): a tuned sweep draws them with the
+parameters, and each trial runs with the drawn values as protocol overrides (benchmarks/jobs/tuning.py).
 Per-example information is always keyed by the ORIGINAL training-set index, which every batch
 carries (`Batch.index`). What a method may read of the run is its `RunContext` (`self.ctx` after
 `setup`): the protocol, the data, the device, the meter, seeded generators, the cache folder.
@@ -74,7 +78,7 @@ import torch.nn.functional as F
 from benchmarks.core.context import RunContext
 from benchmarks.core.models import embed
 from benchmarks.core.protocol import Protocol
-from benchmarks.core.registry import Param, register
+from benchmarks.core.registry import Param, Space, register
 from benchmarks.data.registry import register_dataset
 
 if TYPE_CHECKING:
@@ -82,7 +86,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     # the method contract
-    "Method", "Traits", "Param", "register", "overrides", "cross_entropy", "KINDS",
+    "Method", "Traits", "Param", "Space", "register", "overrides", "cross_entropy", "KINDS",
     # what the hooks receive and return
     "Batch", "EpochPlan", "Selection", "Step", "StepInfo", "RunContext", "Protocol",
     # a model's penultimate features (every model of the suite has them)
@@ -253,6 +257,9 @@ class Method:
     name: ClassVar[str] = "base"
     params: ClassVar[dict[str, Param]] = {}
     traits: ClassVar[Traits] = Traits()
+    # Protocol settings (lr, weight_decay, ...) the method's paper tunes for it, with their search
+    # spaces; a tuned sweep's trials run with the drawn values as protocol overrides. Empty: none.
+    protocol_space: ClassVar[dict[str, Space]] = {}
 
     def __init__(self, **params: Any):
         self.hparams = params

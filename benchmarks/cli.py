@@ -10,18 +10,54 @@ from typing import NoReturn
 
 from benchmarks.core.layout import ResultsLayout
 from benchmarks.errors import BenchError
+from benchmarks.tools.reproduce import add_parser as add_reproduce_parser
 from benchmarks.tools.scores import add_parser as add_scores_parser
 from benchmarks.tools.toy import add_parser as add_toy_parser
 
 EXAMPLES = """examples:
-  python -m benchmarks list
-  python -m benchmarks run --protocol fashion-mnist --method uniform --param fraction=0.3 --seed 1
-  python -m benchmarks run --protocol smoke --method full --set epochs=1
-  python -m benchmarks tables --runs results                  # the table of your runs (results/runs/)
-  python -m benchmarks publish fashion-pruning                 # a sweep's records -> results/records/
-  python -m benchmarks tables --published                      # results/records -> results/tables
-  python -m benchmarks replicate --runs results --claims-out claims.md  # papers' numbers and claims vs records
+  {prog} list
+  {prog} run --protocol fashion-mnist --method uniform --param fraction=0.3 --seed 1
+  {prog} bench --protocol fashion-mnist --seeds 0 --jobs 2
+  {prog} sweep fashion-online --jobs 2 ; {prog} status fashion-online
+  {prog} tables --published                      # results/records -> results/tables
+`{prog} COMMAND --help` shows each command's options and its own examples.
 """
+
+# Each command's own examples ({prog}: how this CLI was started: `python -m benchmarks` or `bench`).
+COMMAND_EXAMPLES = {
+    "list": ["{prog} list", "{prog} list | grep -A8 '^  infobatch'"],
+    "run": ["{prog} run --protocol fashion-mnist --method uniform --param fraction=0.3 --seed 1",
+            "{prog} run --protocol smoke --method full --set epochs=1 --out /tmp/try",
+            "{prog} run --protocol fashion-mnist --method greats --set holdout=0.1 --set budget=iterations",
+            "torchrun --nproc-per-node 4 -m benchmarks run --protocol cifar10 --method full   # data parallel"],
+    "bench": ["{prog} bench --protocol fashion-mnist --seeds 0 --param score_runs=2 --jobs 2",
+              "{prog} bench --protocol smoke --methods full,uniform --set epochs=1 --out /tmp/try",
+              "{prog} bench --protocol fashion-mnist --dry-run             # what it would run, and what it leaves out"],
+    "sweep": ["{prog} sweep smoke --jobs 2",
+              "{prog} sweep cifar10 --quick                              # every [[methods]] block once, small",
+              "{prog} sweep cifar10 --executor slurm --slurm partition=gpu --slurm account=myacct"],
+    "task": ["{prog} task results/sweeps/smoke/manifest.jsonl 0   # line 0, as Slurm array task 0 runs it"],
+    "status": ["{prog} status fashion-online", "{prog} status results/sweeps/bench-fashion-mnist",
+               "{prog} status results                         # every run of a results folder (single runs too)"],
+    "publish": ["{prog} publish fashion-pruning", "{prog} publish bench-fashion --partial"],
+    "tables": ["{prog} tables --runs results                  # the table of your runs (results/runs/)",
+               "{prog} tables --published                     # results/records -> results/tables",
+               "{prog} tables --records results/records --out /tmp/tables"],
+    "plots": ["{prog} plots --records results/records --out /tmp/plots"],
+    "replicate": ["{prog} replicate --records results/records --claims-only",
+                  "{prog} replicate --runs results --claims-out claims.md"],
+}
+
+
+def program_name() -> str:
+    """How the user started this CLI, for usage lines and examples: `bench` (the console script) or
+    `python -m benchmarks`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "bench" if name == "bench" else "python -m benchmarks"
+
+
+def examples_of(command: str, prog: str) -> str:
+    return "examples:\n" + "\n".join("  " + line.format(prog=prog) for line in COMMAND_EXAMPLES[command]) + "\n"
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -31,7 +67,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     print("methods (kind: the protocols' task they fit):")
     for name, cls in list_methods().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the whole first paragraph
         oracle = " [ORACLE: reads training group labels]" if cls.traits.reads_train_groups else ""
         needs = ", needs a holdout" if cls.traits.needs_holdout else ""
         print(f"  {name:<16} [{cls.traits.kind}{needs}]{oracle} {doc}")
@@ -44,18 +80,34 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<16} {p.dataset}, {p.model}, {p.epochs} epochs, batch {p.batch_size}, budget={p.budget}, "
               f"{p.task}, reference {p.reference}{selection}")
     print("local models: " + ", ".join(list_models()) + " (and any timm model as timm:<name>)")
+    from benchmarks.data.registry import list_datasets
+
+    print("datasets: " + ", ".join(list_datasets()) + " (a protocol's `dataset`; plugins add more)")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from benchmarks.core.protocol import parse_assignments
     from benchmarks.core.run import RunSpec, execute
+    from benchmarks.core.train import Preempted
+    from benchmarks.jobs.task import STOPPED, request_stop_on_signals
 
     spec = RunSpec(protocol=args.protocol, method=args.method,
                    params=parse_assignments(args.param, "--param"), seed=args.seed,
                    overrides=parse_assignments(args.set, "--set"))
-    record = execute(spec, args.out, data_root=args.data_root, device=args.device, force=args.force,
-                     loggers=_wandb_loggers(args), save=args.save_model)
+    import signal
+
+    replaced = request_stop_on_signals(interrupt=True)  # SIGTERM, SIGUSR1 or a first Ctrl-C: checkpoint, stop
+    try:
+        record = execute(spec, args.out, data_root=args.data_root, device=args.device, force=args.force,
+                         loggers=_wandb_loggers(args), save=args.save_model)
+    except Preempted:
+        print("stopped: the run is saved in its checkpoint (line above); run the same command again to resume "
+              "from there, with identical results", file=sys.stderr)
+        return STOPPED
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
     from benchmarks.core.distributed import current
 
     if current() is not None and not current().is_main:
@@ -143,6 +195,7 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
         sweep_status,
         write_manifest,
     )
+    from benchmarks.jobs.tuning import add_selected_runs, waiting_settings
 
     if args.jobs < 1:
         raise BenchError(f"--jobs {args.jobs}: must be >= 1")
@@ -156,6 +209,8 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
     settings = {"wandb": args.wandb}
     if getattr(args, "device", None) not in (None, "auto"):
         settings["device"] = args.device
+    # Tuned settings whose trials are all complete get their selected runs (phase 2) before the manifest is written.
+    tuning_lines = add_selected_runs(sweep, args.out) if sweep.tuned else []
     manifest, lines = write_manifest(sweep, args.out, args.data_root, settings=settings)
     states = sweep_status(manifest)
     complete = [i for i, _, state, _ in states if state == "complete"]
@@ -164,17 +219,39 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
     print(f"{sweep.source if sweep.source == 'bench' else 'sweep'} {sweep.name}: {len(lines)} runs in {manifest}: "
           f"{len(todo)} to run, {len(complete)} already complete"
           + (f", {len(live)} running or queued" if live else ""), flush=True)
+    if sweep.tuned:
+        waiting = len(waiting_settings(sweep))
+        print(f"tuning: {len(sweep.tuned)} tuned settings, {sweep.tuning.label} each (trials at seed "
+              f"{sweep.tuning.seed}): {len(sweep.tuned) - waiting} selected, {waiting} waiting for their trials")
+        for line in tuning_lines:
+            print(f"  {line}")
     if args.dry_run or not todo:
         for i in todo if args.dry_run else []:
             line = lines[i]
-            print(f"  [{i}] {line['run_id']} {line['method']} {line['params']} seed {line['seed']}")
+            print(f"  [{i}] {line['run_id']} {line['method']} {line['params']} seed {line['seed']}"
+                  + _role(line))
         return 0 if args.dry_run or sweep.source != "bench" else _job_tables(
             manifest, ResultsLayout(args.out).sweep_tables(sweep.name))
     if args.executor == "slurm":
         for slurm, indices in slurm_groups(lines, todo, sweep.slurm, slurm_options):
             submit_slurm(manifest, indices, slurm, job_name=f"bench-{sweep.name}")
+        if waiting_settings(sweep):
+            print(f"tuning: phase 2 (each selected setting at every seed) of {len(waiting_settings(sweep))} tuned "
+                  f"settings is not submitted yet: once `status {sweep.name}` shows their trials complete, run "
+                  "this `sweep` command again to submit it")
         return 0
     final = run_local(manifest, todo, jobs=args.jobs)
+    if waiting_settings(sweep):  # phase 2 here, in the same call, for the settings whose trials just completed
+        before = len(lines)
+        for line in add_selected_runs(sweep, args.out):
+            print(line)
+        if len(sweep.runs) > before:
+            manifest, lines = write_manifest(sweep, args.out, args.data_root, settings=settings)
+            more = [i for i, _, state, _ in sweep_status(manifest)[before:] if state != "complete"
+                    and state not in LIVE_STATES]
+            print(f"tuning phase 2: {len(more)} runs of the selected settings to run", flush=True)
+            for state, indices in run_local(manifest, more, jobs=args.jobs).items():
+                final.setdefault(state, []).extend(indices)
     failed = [i for state, indices in final.items() if state != "complete" for i in indices]
     summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(final.items()))
     print(f"summary: {summary}")
@@ -183,6 +260,18 @@ def _run_sweep(sweep, args: argparse.Namespace, notes: list[str] = ()) -> int:
     if not failed or sweep.source == "bench":  # a bench job tables what it has; its failures are in the summary
         _job_tables(manifest, ResultsLayout(args.out).sweep_tables(sweep.name))
     return 1 if failed else 0
+
+
+def _role(line: dict) -> str:
+    """A manifest line's part in a tuned sweep, for listings: ' [trial 3]', ' [selected: trial 3]' or ''."""
+    tuning = line.get("tuning") or {}
+    drawn = ", ".join(f"{k}={line['overrides'].get(k)}" for k in tuning.get("tuned_overrides") or [])
+    drawn = f", {drawn}" if drawn else ""  # the drawn protocol settings (the drawn parameters are in params)
+    if tuning.get("role") == "trial":
+        return f" [trial {tuning.get('trial')}{drawn}]"
+    if tuning.get("role") == "selected":
+        return f" [selected: trial {tuning.get('trial')} of {tuning.get('of')}{drawn}]"
+    return ""
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
@@ -216,14 +305,27 @@ def _find_manifest(target: str, out: str):
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from benchmarks.jobs.sweep import sweep_status
+    """A sweep's or job's runs, or (given a results folder, e.g. after single `run`s) every run it holds."""
+    from pathlib import Path
 
+    from benchmarks.jobs.sweep import folder_lines, progress_summary, run_state, sweep_status
+
+    target = Path(args.sweep)
+    if target.is_dir() and not (target / "manifest.jsonl").exists() and ResultsLayout(target).runs.is_dir():
+        lines = folder_lines(target)
+        if not lines:
+            print(f"no runs in {target}")
+            return 0
+        states = [(i, line, *run_state(line, {})) for i, line in enumerate(lines)]
+    else:
+        states = sweep_status(_find_manifest(args.sweep, args.out))
     counts: dict[str, int] = {}
-    for i, line, state, detail in sweep_status(_find_manifest(args.sweep, args.out)):
+    for i, line, state, detail in states:
         counts[state] = counts.get(state, 0) + 1
         print(f"[{i:>3}] {state:<11} {line['run_id']} {line['method']} {line['params']} seed {line['seed']}"
-              + (f"  {detail}" if detail else ""))
+              + _role(line) + (f"  {detail}" if detail else ""))
     print("total: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    print(progress_summary(states))
     return 0
 
 
@@ -254,7 +356,8 @@ def _cmd_tables(args: argparse.Namespace) -> int:
         _records_folder(args.runs, records)
         return rebuild(records, args.out or "results/tables", args.papers)
     records, source = _load(args.runs, args.from_wandb, args.records)
-    return _render(records, source, args.out, tolerance=args.target_tolerance)
+    return _render(records, source, args.out, tolerance=args.target_tolerance,
+                   plots_out=f"{args.out}/plots" if args.out else None)
 
 
 def _records_folder(results: str, records: str | None):
@@ -319,6 +422,10 @@ def _render(records: list[dict], source: str, tables_out, *, tolerance: float = 
 
         for path in write_plots(sections, plots_out):
             print(f"wrote {path}")
+    if tables_out:
+        from benchmarks.reporting.html import write_report
+
+        print(f"wrote {write_report(sections, tables_out, plots_out)}")
     return 0
 
 
@@ -390,16 +497,21 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    prog = program_name()
     parser = Parser(
-        prog="python -m benchmarks", description="Benchmark suite for data-efficient deep learning.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+        prog=prog, description="Benchmark suite for data-efficient deep learning.",
+        epilog=EXAMPLES.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="methods with their parameters and defaults; protocols")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help names itself and shows its own examples."""
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog=examples_of(name, prog), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("list", "methods with their parameters and defaults; protocols")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("run", help="train one run and write its record (skipped if already complete)",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("run", "train one run and write its record (skipped if already complete)")
     p.add_argument("--protocol", required=True, help="protocol name (see `list`) or path to a .toml file")
     p.add_argument("--method", required=True, help="method name (see `list`)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -417,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("bench", help="run every method at its defaults on a protocol, then print the table")
+    p = command("bench", "every registered method that fits a protocol, at its defaults, as a sweep of its own; "
+                "then its table")
     p.add_argument("--protocol", required=True)
     p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     p.add_argument("--seeds", default=None, help="comma-separated (default: the protocol's first seed)")
@@ -437,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_executor_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("sweep", help="expand a sweep spec into a manifest; run it here or as one Slurm job array")
+    p = command("sweep", "expand a sweep spec into a manifest; run it here or as one Slurm job array")
     p.add_argument("spec", help="a sweep spec (.toml path, or a name in benchmarks/sweeps/)")
     add_executor_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol override for all runs")
@@ -450,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=WANDB_CHOICES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("task", help="run one manifest line (what each Slurm array task does)")
+    p = command("task", "run one manifest line (what each Slurm array task does)")
     p.add_argument("manifest")
     p.add_argument("index", type=int, help="0-based line number ($SLURM_ARRAY_TASK_ID)")
     p.add_argument("--data-root", default=None, help="(default: the sweep's --data-root, then $BENCH_DATA)")
@@ -459,13 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=WANDB_HELP + " (default: the manifest line's, which `sweep` writes, else auto)")
     p.set_defaults(func=_cmd_task)
 
-    p = sub.add_parser("status", help="complete / running / queued / failed / interrupted / missing per run of a "
+    p = command("status", "complete / running / queued / failed / interrupted / missing per run of a "
                        "sweep or bench job, from the files (and squeue)")
     p.add_argument("sweep", help="sweep or job name, its spec (.toml), its folder, or its manifest.jsonl")
     p.add_argument("--out", default="results")
     p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("publish", help="copy a sweep's or bench job's complete records into the published records "
+    p = command("publish", "copy a sweep's or bench job's complete records into the published records "
                        "(results/records/<name>/), which `nox -s tables` turns into results/tables/")
     p.add_argument("sweep", help="sweep or job name (bench-<protocol> for bench), its spec, folder or manifest")
     p.add_argument("--out", default="results", help="the results folder the job wrote to (default results)")
@@ -473,11 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", action="store_true", help="publish the complete runs even if others are not")
     p.set_defaults(func=_cmd_publish)
 
-    p = sub.add_parser("tables", help="Markdown and LaTeX tables per protocol from the run records (or W&B)")
+    p = command("tables", "Markdown and LaTeX tables per protocol from the run records (or W&B)")
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
     p.add_argument("--records", default=None, metavar="DIR",
                    help="a folder of record files instead (searched recursively), e.g. results/records")
-    p.add_argument("--out", default=None, help="also write <protocol>.md and <protocol>.tex per protocol here")
+    p.add_argument("--out", default=None, help="also write <protocol>.md and .tex per protocol, runs.csv, "
+                   "summary.csv, the plots (OUT/plots) and report.html here")
     p.add_argument("--from-wandb", default=None, metavar="ENTITY/PROJECT",
                    help="rebuild the tables from W&B's runs instead of the local records")
     p.add_argument("--target-tolerance", type=float, default=0.01, metavar="T",
@@ -485,20 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published", action="store_true",
                    help="rebuild the published tables: from --records (default results/records) into --out "
                         "(default results/tables), with plots and replication.md, replacing what was there")
-    p.add_argument("--papers", default="results/paper", help="with --published: the paper files (default results/paper)")
+    p.add_argument("--papers", default=None, help="with --published: the paper files (default: those the package ships)")
     p.set_defaults(func=_cmd_tables)
 
-    p = sub.add_parser("plots", help="accuracy vs compute saved, and accuracy vs FLOPs curves (PNG and PDF)")
+    p = command("plots", "accuracy vs compute saved, and accuracy vs FLOPs curves (PNG and PDF)")
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
     p.add_argument("--records", default=None, metavar="DIR", help="a folder of record files instead")
     p.add_argument("--out", required=True, help="folder for the plots")
     p.set_defaults(func=_cmd_plots)
 
-    p = sub.add_parser("replicate", help="our runs next to the papers' numbers, and their claims checked "
-                       "(holds / fails / not run) from the records (results/paper/*.toml)")
+    p = command("replicate", "our runs next to the papers' numbers, and their claims checked "
+                "(holds / fails / undecided / not run) from the records (benchmarks/resources/paper/*.toml)")
     p.add_argument("--runs", default="results", help="results folder holding runs/ (default results)")
     p.add_argument("--records", default=None, metavar="DIR", help="a folder of record files instead")
-    p.add_argument("--papers", default="results/paper", help="folder of paper TOML files (default results/paper)")
+    p.add_argument("--papers", default=None, help="folder of paper TOML files (default: those the package ships, "
+                   "benchmarks/resources/paper)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown table here")
     p.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
                    help="which form of the claims ([[claim]] tables) to check: the CPU-scale analogues (default) "
@@ -510,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the --set items a sweep was run with)")
     p.set_defaults(func=_cmd_replicate)
     add_scores_parser(sub)
+    add_reproduce_parser(sub)
     add_toy_parser(sub)
     return parser
 
@@ -520,6 +636,11 @@ def one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Line by line even into a file or a pipe (a sweep worker's log, `nox ... > log`): progress is seen as
+    # it happens, not when a block buffer fills or the process ends.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -7,7 +7,7 @@ epochs of proxy training (default -1: all of the protocol's epochs, as CCS's sco
 whole training run). A LOW AUM is hard (mislabelled or ambiguous): the score kind says so
 (`higher_is_harder=False`), so mode "hardest" keeps the lowest AUM and CCS drops the lowest first.
 
-Two kinds, both recorded by the same proxy run as forgetting events (benchmarks/scoring.py):
+Two kinds, both recorded by the same proxy run as forgetting events (benchmarks/kit/scoring.py):
 - aum: the margin of the logits, averaged (Pleiss et al., eq. 1-2). CCS's default score.
 - aum-softmax: the margin of the softmax probabilities, averaged. The CCS code
   (generate_importance_score.py, 'accumulated_margin') accumulates this one, summed over the logged

@@ -2,7 +2,7 @@
 
 CCS keeps k = round(fraction * N) examples: it drops the int(beta * N) hardest by an importance
 score, splits the rest into 50 equal-width score strata and samples them smallest stratum first,
-uniformly inside a stratum (the selection itself: benchmarks/scoring.py, mode "ccs", shared by
+uniformly inside a stratum (the selection itself: benchmarks/kit/scoring.py, mode "ccs", shared by
 every score method).
 
 As the paper runs it:
@@ -15,11 +15,11 @@ As the paper runs it:
   default), `score="forgetting"` and the others are available too. The paper's Algorithm 1 cuts and
   stratifies by the same score; the official train.py always cuts by AUM whatever it stratifies by,
   which is the same thing for the default score.
-- beta: per pruning rate (ccs_beta = -1, the default): CCS_PAPER_BETA in benchmarks/scoring.py
+- beta: per pruning rate (ccs_beta = -1, the default): CCS_PAPER_BETA in benchmarks/kit/scoring.py
   (0.3 at 90% pruned on CIFAR-10, as the official README; see there for which values are checked).
   A fixed ccs_beta is still accepted.
 - bins: the official edges (1.0001 x max as the top edge, [start, end) bins) and the official int()
-  for the number dropped; differences that remain are listed in benchmarks/scoring.py.
+  for the number dropped; differences that remain are listed in benchmarks/kit/scoring.py.
 - not class balanced (the official stratified mode ignores classes); class_balanced=true applies
   the cut and the strata within each class.
 

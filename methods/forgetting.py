@@ -5,7 +5,7 @@ optimiser step: StepInfo.correct), record whether it was classified correctly. A
 is a correct -> incorrect transition between consecutive presentations of the same example.
 The score is the number of events over `score_epoch` epochs of proxy training (default -1: all of
 the protocol's epochs, as the paper counts over a whole 200-epoch training), averaged over
-`score_runs` proxy runs; then the shared selection of benchmarks/scoring.py (mode "hardest" = keep
+`score_runs` proxy runs; then the shared selection of benchmarks/kit/scoring.py (mode "hardest" = keep
 the most forgotten, i.e. remove the least forgotten, as the paper).
 
 Never-learned examples (never classified correctly at any presentation) are the most forgettable:

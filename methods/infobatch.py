@@ -14,6 +14,10 @@ fresh one, or the checkpoint's); nothing in torch is patched.
 Decisions, and the known pitfalls of the reference code they avoid:
 - `prune_ratio` is NOT the share of the dataset skipped (only below-mean examples are candidates):
   the realised share is reported per epoch (`pruned_share` in the curve) and overall in `summary()`.
+- prune_ratio above 0.9 acts as 0.9, as in the reference code, which keeps at least a tenth of the
+  well-learned examples (its keep ratio is max(0.1, 1 - prune_ratio)): r = 0.99 skips each with
+  probability 0.9 and weights the kept ones by 10, not by 100 (`effective_prune_ratio`; the record's
+  `summary()` names the ratio used).
 - Each well-learned example is skipped by an independent draw (the paper's analysis), not a fixed
   floor((1-r) * n) count as in the reference code: the 1/(1-r) weight is then exactly unbiased, and
   the realised count differs from the fixed one by O(sqrt(n)) examples.
@@ -36,6 +40,9 @@ Decisions, and the known pitfalls of the reference code they avoid:
   still reaches the schedule's final value (tests/test_infobatch.py checks this).
 - Under budget = "iterations" the trainer refills every epoch to the full example count, so
   InfoBatch saves nothing there; its protocols use budget = "epochs".
+- Tuning: nothing has a search space. prune_ratio and delta set how much compute is saved, the
+  axis a table compares (as a subset's fraction); tuned on validation accuracy they would drift to
+  the least pruning. A tuned sweep gives InfoBatch's block `tune = false`, or fixes them with its grid.
 
 Multi-GPU: the epoch plan is a pure function of (score table, epoch, run seed): the random draws come
 from ctx.generator("infobatch", epoch) and nothing else (no global RNG), and the mean is computed on
@@ -54,6 +61,15 @@ import torch
 from benchmarks.api import EpochPlan, Method, Param, StepInfo, Traits, register
 
 INITIAL_SCORE = 3.0  # every example starts "not well learned" until its loss has been seen
+MAX_PRUNE_RATIO = 0.9  # the reference keeps at least 10% of the well-learned examples
+
+
+def effective_prune_ratio(prune_ratio: float) -> float:
+    """The ratio the reference code applies: prune_ratio capped at 0.9 (its keep ratio is max(0.1, 1 - r)).
+
+    min() rather than 1 - max(0.1, 1 - r), so that every r <= 0.9 is used exactly as given.
+    """
+    return min(prune_ratio, MAX_PRUNE_RATIO)
 
 
 def prune_epochs(delta: float, epochs: int) -> int:
@@ -65,8 +81,10 @@ def plan_from_scores(scores: torch.Tensor, prune_ratio: float,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """One pruning epoch's decision: (kept indices, their weights, number skipped, number well learned).
 
-    A pure function of its inputs; `scores` is the CPU score table.
+    A pure function of its inputs; `scores` is the CPU score table. A prune_ratio above 0.9 acts as 0.9
+    (`effective_prune_ratio`).
     """
+    prune_ratio = effective_prune_ratio(prune_ratio)
     scores = scores.double()  # see the module docstring: all-equal scores give an exact mean
     well_learned = scores < scores.mean()
     # One draw per example, whether or not it is a candidate, so an example's draw does not depend on
@@ -84,7 +102,8 @@ class InfoBatch(Method):
 
     traits = Traits(headline_params=("prune_ratio",))
     params = {
-        "prune_ratio": Param(0.5, "probability of skipping each below-mean-loss example in an epoch",
+        "prune_ratio": Param(0.5, "probability of skipping each below-mean-loss example in an epoch; above 0.9 "
+                                  "it acts as 0.9 (the reference code keeps at least 10% of them)",
                              low=0.0, high=1.0, high_open=True),
         "delta": Param(0.875, "share of the epochs that prune; the rest train on the full data",
                        low=0.0, high=1.0),
@@ -121,7 +140,8 @@ class InfoBatch(Method):
         planned = self.ctx.num_train * len(self.skipped)
         return {"saved_passes": saved,  # examples skipped over all epochs: each is one forward + backward
                 "pruned_share": saved / planned if planned else 0.0,
-                "prune_epochs": prune_epochs(self.hparams["delta"], self.ctx.protocol.epochs)}
+                "prune_epochs": prune_epochs(self.hparams["delta"], self.ctx.protocol.epochs),
+                "effective_prune_ratio": effective_prune_ratio(self.hparams["prune_ratio"])}
 
     def state_dict(self) -> dict:
         scores = self.scores.detach().cpu().clone() if self.scores is not None else None  # None: before setup

@@ -1,13 +1,13 @@
 """RELA (Sun, Jiang, Lin, NeurIPS 2024, "Efficiency for Free: Ideal Data Are Transportable Representations").
 
 Two parts:
-- RELA-D (`prepare`): a frozen prior model (benchmarks/priors.py: `random`, a model saved by a run
+- RELA-D (`prepare`): a frozen prior model (benchmarks/kit/priors.py: `random`, a model saved by a run
   of this suite, or a timm model) is run once over the UN-augmented training images; its features
   are reduced by PCA to k = min(student feature size, prior feature size) components and z-scored
   per component (`pca_targets`): one target vector per example.
 - RELA-F (`objective`): loss = lambda * L_RELA + (1 - lambda) * L_BYOL, with
   L_RELA = mean over two augmented views of 1 - cos(W h(x) + b, target(x)), h the student's
-  backbone features and (W, b) a linear map; L_BYOL as in benchmarks/ssl.py. lambda starts at 1
+  backbone features and (W, b) a linear map; L_BYOL as in benchmarks/kit/ssl.py. lambda starts at 1
   and drops to 0 for good, either by the official plateau rule (`PlateauSwitch`) or at a fixed
   epoch (`switch_epoch`). The step at which it switches is recorded (`switch_step`).
 

@@ -11,17 +11,17 @@ Scores (each run r: a fresh model ctx.new_model("score", r), trained with the fi
 - el2n: || softmax(f(x)) - onehot(y) ||_2 of the proxy after `score_epoch` epochs, eval mode,
   un-augmented inputs.
 - grand: || grad_theta CE(f(x), y) ||_2 over ALL trainable parameters at `score_epoch` (default 0:
-  initialisation), batched (benchmarks/pergrad.py), BatchNorm in eval mode so examples are independent.
+  initialisation), batched (benchmarks/kit/pergrad.py), BatchNorm in eval mode so examples are independent.
 - grand-lastlayer: the final linear layer's part only, ||p - onehot(y)|| * sqrt(1 + ||h||^2):
   DeepCore's cheap variant, under its own name so it is never mistaken for GraNd.
 - forgetting: methods/forgetting.py; aum: methods/aum.py; CCS: methods/ccs.py.
 
-Selection from the averaged scores (hardest, easiest, CCS strata): benchmarks/scoring.py.
+Selection from the averaged scores (hardest, easiest, CCS strata): benchmarks/kit/scoring.py.
 Every score method accepts mode="ccs", so CCS over forgetting scores is
 `--method forgetting --param mode='ccs'`; the `ccs` method (methods/ccs.py) defaults to AUM.
 
-Proxy training and the cache live in benchmarks/proxies.py (shared with the coresets, JTT and
-RHO-Loss), score runs and selection in benchmarks/scoring.py: a proxy follows the protocol's schedule over the protocol's epochs and stops after
+Proxy training and the cache live in benchmarks/kit/proxies.py (shared with the coresets, JTT and
+RHO-Loss), score runs and selection in benchmarks/kit/scoring.py: a proxy follows the protocol's schedule over the protocol's epochs and stops after
 `score_epoch` epochs, so "EL2N at epoch 20" is the paper's snapshot of a 200-epoch run at lr 0.1.
 score_epoch = -1 (the default of EL2N and the coresets) means the paper's point, 10% of the
 protocol's epochs: 20 on the 200-epoch CIFAR protocols, 1 on the 8-epoch Fashion-MNIST one.

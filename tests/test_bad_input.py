@@ -222,6 +222,10 @@ CASES = [
          ["replicate", "--runs", "{tmp}/r", "--papers", str(REPO / "results" / "paper")],
          "published records are read with --records {tmp}/r/records", mkdir("r/records")),
     Case("replicate-no-papers", ["replicate", "--papers", "{tmp}/none"], "no paper files"),
+    # reproduce
+    Case("reproduce-unknown-target", ["reproduce", "nosuchrun", "--records", "{tmp}/records"],
+         "'nosuchrun' is not a record file, a folder, a run id", mkdir("records")),
+    Case("reproduce-damaged-record", ["reproduce", "{tmp}/bad.json"], "bad.json", write("bad.json", "{not json")),
     Case("replicate-bad-paper", ["replicate", "--papers", "{tmp}/papers"], "not readable TOML",
          write("papers/x.toml", "[[entry]\n")),
     # toy

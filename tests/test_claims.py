@@ -49,7 +49,7 @@ CLAIMS = "".join([
     claim("close", "within", 0.03, HALF, FULL),                # fails: interval too wide
     claim("close-enough", "within", 0.2, HALF, FULL),          # holds
     claim("not-better", "<=", 0.0, TOY, HALF),                 # holds
-    claim("one-seed", ">", 0.0, '{ method = "single", setting = "-" }', FULL),       # not run: 1 run
+    claim("one-seed", ">", 0.0, '{ method = "single", setting = "-" }', FULL),       # undecided: 1 run
     claim("absent", ">", 0.0, '{ method = "uniform", setting = "fraction=0.9" }', FULL),  # not run: none
     claim("overridden", ">", 0.0, FULL, HALF, overrides="overrides = { epochs = 1 }"),  # not run: no such runs
     claim("paper-only", ">", 0.0, HALF, TOY, scale="paper"),   # not run at cpu scale
@@ -76,17 +76,24 @@ def results(tmp_path):
     return tmp_path
 
 
-def rows_by_name(results, scale="cpu"):
+def rows_by_name(results, scale="cpu", **rule):
     records, _ = load_records(results / "runs")
-    return {row["claim"].name: row for row in evaluate_claims(load_claims(results / "papers"), records, scale)}
+    return {row["claim"].name: row for row in evaluate_claims(load_claims(results / "papers"), records, scale, **rule)}
+
+
+# The hand computations below use 2-seed sides, so they are checked under a 2-run minimum; the project's
+# rule (a verdict needs 3 seeds per side, MIN_RUNS) is checked by test_a_verdict_needs_three_seeds_per_side.
+TWO = {"min_runs": 2}
 
 
 def test_holds_fails_and_not_run_on_hand_made_records(results):
-    rows = rows_by_name(results)
+    rows = rows_by_name(results, **TWO)
     verdicts = {name: row["verdict"] for name, row in rows.items()}
+    # one-seed: a run on both sides but under the minimum on one: undecided (before: "not run")
     assert verdicts == {"beats": "holds", "beaten": "fails", "at-least": "fails", "noisy-at-least": "holds",
                         "noisy-beats": "fails", "close": "fails", "close-enough": "holds", "not-better": "holds",
-                        "one-seed": "not run", "absent": "not run", "overridden": "not run", "paper-only": "not run"}
+                        "one-seed": "undecided (n < 2)", "absent": "not run", "overridden": "not run",
+                        "paper-only": "not run"}
     beats = rows["beats"]
     # by hand: d = 0.88 - 0.71 = 0.17; SE = sqrt(0.03^2 / 3 + 0.0141421^2 / 2) = sqrt(0.0003 + 0.0001) = 0.02
     assert beats["difference"] == pytest.approx(0.17) and beats["se"] == pytest.approx(0.02)
@@ -100,18 +107,45 @@ def test_holds_fails_and_not_run_on_hand_made_records(results):
     assert rows["one-seed"]["reason"] == "single: 1 run (needs 2)"
     assert rows["absent"]["reason"] == "uniform (fraction=0.9): 0 runs (needs 2)"
     assert rows["paper-only"]["reason"] == "no cpu-scale form"
-    assert rows_by_name(results, "paper")["paper-only"]["verdict"] == "holds"
+    assert rows_by_name(results, "paper", **TWO)["paper-only"]["verdict"] == "holds"
 
 
 def test_markdown_names_numbers_seeds_and_the_rule(results):
     records, _ = load_records(results / "runs")
-    text = markdown_claims(evaluate_claims(load_claims(results / "papers"), records))
+    text = markdown_claims(evaluate_claims(load_claims(results / "papers"), records, **TWO), **TWO)  # see TWO
     assert ("| **beats**: beats | toy | uniform (fraction=0.5): 88.00 ± 3.00 (n=3, seeds 0,1,2) | "
             "toyscore (fraction=0.3): 71.00 ± 1.41 (n=2, seeds 0,1) | +17.00 ± 4.00 pp | d - 2SE > 0 pp (test_acc) | "
             "**holds** |") in text
-    assert "| **not run**: single: 1 run (needs 2) |" in text
+    # one-seed: 1 run against 2, so d is shown without SE and the verdict is undecided (before: "not run")
+    assert "| +8.00 pp | d - 2SE > 0 pp (test_acc) | **undecided (n < 2)**: single: 1 run (needs 2) |" in text
     assert "- **beats**: P: Fig. 1" in text
-    assert "12 claims: 4 hold, 4 fail, 4 not run." in text
+    assert "12 claims: 4 hold, 4 fail, 1 undecided (fewer than 2 runs on a side), 3 not run." in text
+    assert "A verdict needs 2 runs (seeds) per side." in text
+
+
+def test_a_verdict_needs_three_seeds_per_side(results):
+    # The project's rule: with fewer than 3 seeds on a side the claim is undecided, whatever the interval says.
+    rows = rows_by_name(results)
+    verdicts = {name: row["verdict"] for name, row in rows.items()}
+    assert verdicts == {name: "undecided (n < 3)" for name in ("beats", "beaten", "at-least", "noisy-at-least",
+                        "noisy-beats", "close", "close-enough", "not-better", "one-seed")} | {
+                        "absent": "not run", "overridden": "not run", "paper-only": "not run"}
+    assert rows["beats"]["reason"] == "toyscore (fraction=0.3): 2 runs (needs 3)"
+    assert rows["beats"]["difference"] == pytest.approx(0.17) and rows["beats"]["se"] == pytest.approx(0.02)
+    assert rows["absent"]["reason"] == "uniform (fraction=0.9): 0 runs; full: 2 runs (needs 3)"
+    # A third seed on the short side decides it: toyscore 0.70, 0.72, 0.71 (mean 0.71, sd 0.01);
+    # d = 0.17, SE = sqrt(0.03^2 / 3 + 0.01^2 / 3) = 0.018257: d - 2 SE = 0.1335 > 0.
+    write(results, "t2", "toyscore", {"fraction": 0.3}, 2, 0.71, 0.3, 1, [])
+    beats = rows_by_name(results)["beats"]
+    assert beats["verdict"] == "holds" and beats["reason"] == ""
+    assert beats["se"] == pytest.approx(math.sqrt(0.0009 / 3 + 0.0001 / 3))
+    records, _ = load_records(results / "runs")
+    text = markdown_claims(evaluate_claims(load_claims(results / "papers"), records))
+    # toyscore against uniform (beats, beaten, at-least, not-better) is decided now; the rest have 2-seed sides
+    assert "12 claims: 2 hold, 2 fail, 5 undecided (fewer than 3 runs on a side), 3 not run." in text
+    assert "A verdict needs 3 runs (seeds) per side." in text
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate_claims(load_claims(results / "papers"), records, min_runs=1)
 
 
 @pytest.mark.parametrize("relation, threshold, d, se, expected", [
@@ -162,6 +196,7 @@ def test_the_repository_claims_are_valid_against_the_registry():
 
 
 def test_cli_writes_the_claims_table(results):
+    write(results, "t2", "toyscore", {"fraction": 0.3}, 2, 0.71, 0.3, 1, [])  # 3 seeds a side: "beats" decided
     out = results / "claims.md"
     result = subprocess.run([sys.executable, "-m", "benchmarks", "replicate", "--runs", str(results), "--papers",
                              str(results / "papers"), "--claims-only", "--claims-out", str(out)],
@@ -181,6 +216,6 @@ def test_fashion_claims_sweep_makes_every_record_the_cpu_claims_need():
         assert form.protocol == sweep.protocol, c.name
         for side in (form.left, form.right):
             params, overrides = parse_setting(side.setting)
-            for seed in (0, 1):
+            for seed in (0, 1, 2):  # a verdict needs 3 seeds per side (claims.MIN_RUNS)
                 spec = RunSpec(form.protocol, side.method, params, seed, dict(form.overrides, **overrides))
                 assert (side.method, spec.run_id) in made, (c.name, side.label, seed)

@@ -3,6 +3,7 @@ JTT, Group DRO, the spurious-fashion and Waterbirds data, pretrained weights fro
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.group_dro import GroupDRO, group_mean_losses, update_group_weights
-from benchmarks.api import Method
+from baselines.group_dro import GroupDRO, group_balanced_indices, group_mean_losses, update_group_weights
+from benchmarks.api import Method, StepInfo
 from benchmarks.core import train
 from benchmarks.core.evaluation import accuracy, group_metrics
 from benchmarks.core.models import create_model
@@ -25,7 +26,7 @@ from benchmarks.errors import BenchError
 from benchmarks.reporting.tables import build_sections, markdown_tables
 from conftest import quiet
 from methods import jtt as jtt_module
-from methods.jtt import JTT, error_set, upsampled_indices
+from methods.jtt import JTT, EpochErrorLog, error_set, resolve_stage1_epochs, upsampled_indices
 
 GROUPS = "smoke-groups"  # synthetic, 8 groups, a validation split, selection on validation worst-group
 
@@ -169,7 +170,8 @@ def test_no_training_path_of_full_or_jtt_reads_training_group_labels(tmp_path, m
         record = run(tmp_path, method, params)
         assert record["status"] == "complete" and record["reads_train_groups"] == (method == "group-dro")
     assert seen[("full", "main")] == {True}
-    assert seen[("jtt", "main")] == {True} and seen[("base", "score-proxy-0")] == {True}  # stage 2 and stage 1
+    # stage 2, and stage 1 (watched by JTT's error log: the official train-mode rule)
+    assert seen[("jtt", "main")] == {True} and seen[("jtt-error-log", "score-proxy-0")] == {True}
     assert seen[("group-dro", "main")] == {False}  # the oracle alone gets them
 
 
@@ -221,7 +223,8 @@ class ConstantPredictor(torch.nn.Module):
 def test_jtt_upsamples_the_misclassified_examples_not_the_correct_ones(monkeypatch):
     ctx = build_context(load_protocol(GROUPS), 0, log=quiet, method="jtt")
     monkeypatch.setattr(jtt_module, "train_proxy", lambda ctx, run, epochs: (ConstantPredictor(), False))
-    method = JTT(stage1_epochs=-1, lambda_up=5)
+    # the eval-pass rule reads predictions from the stage-1 model (the train-log rule: tests below)
+    method = JTT(stage1_epochs=-1, lambda_up=5, error_set="eval-pass")
     method.ctx = ctx
     method.prepare(ctx)
     labels = ctx.data.train.labels
@@ -256,8 +259,8 @@ def test_jtt_stage_two_starts_from_a_fresh_model(tmp_path, monkeypatch):
     stage1 = {}
     original_proxy = jtt_module.train_proxy
 
-    def keep_stage1(ctx, run, epochs):
-        model, cached = original_proxy(ctx, run, epochs)
+    def keep_stage1(ctx, run, epochs, **kwargs):
+        model, cached = original_proxy(ctx, run, epochs, **kwargs)
         stage1.update({k: v.clone() for k, v in model.state_dict().items()})
         return model, cached
 
@@ -266,6 +269,71 @@ def test_jtt_stage_two_starts_from_a_fresh_model(tmp_path, monkeypatch):
     fresh = build_context(load_protocol(GROUPS), 0, log=quiet).new_model("main").state_dict()
     assert all(torch.equal(starts["main"][k], fresh[k]) for k in fresh)  # the main run begins at a fresh init
     assert not torch.equal(stage1["head.weight"], fresh["head.weight"])  # ... not at the stage-1 model
+
+
+def step_info(epoch, index, correct):
+    index = torch.tensor(index)
+    return StepInfo(epoch=epoch, step=0, index=index, loss=torch.zeros(len(index)),
+                    correct=torch.tensor(correct), logits=None)
+
+
+def test_train_log_error_set_is_the_official_rule_on_a_hand_made_log():
+    # 6 examples, epoch 1 (0-based) logged: the predictions made while training through it, whatever
+    # the examples did in the epochs before (or would do after).
+    log = EpochErrorLog(6, epoch=1)
+    log.observe(step_info(0, [0, 1, 2, 3, 4, 5], [False] * 6))  # epoch 0: not read
+    log.observe(step_info(1, [4, 0, 2], [False, True, True]))
+    log.observe(step_info(1, [5, 1, 3], [True, False, False]))
+    log.observe(step_info(2, [0, 1, 2, 3, 4, 5], [False] * 6))  # a later epoch: not read
+    assert log.errors().tolist() == [1, 3, 4]  # misclassified when trained on in epoch 1
+    resumed = EpochErrorLog(6, epoch=1)
+    resumed.load_state_dict(log.state_dict())
+    assert torch.equal(resumed.errors(), log.errors())
+    partial = EpochErrorLog(6, epoch=1)
+    partial.observe(step_info(1, [4, 0, 2], [False, True, True]))
+    with pytest.raises(RuntimeError, match="3 training examples were not visited in epoch 2"):
+        partial.errors()
+
+
+def test_jtt_error_set_is_read_while_stage_one_trains_its_last_epoch(tmp_path, monkeypatch):
+    # Brute force: at every stage-1 step, a copy of the model predicts the batch as trained (train mode,
+    # augmented, before the update); E = the examples it gets wrong in 0-based epoch T, T = 1 here.
+    wrong, steps = set(), []
+    original = train.Trainer._step
+
+    def spy(self, batch, step, selection=None):
+        if self.tag == "score-proxy-0":
+            steps.append(step.epoch)
+            with torch.no_grad():
+                predicted = copy.deepcopy(self.model).train()(batch.x).argmax(1)
+            if step.epoch == 1:
+                wrong.update(batch.index[predicted != batch.y].tolist())
+        return original(self, batch, step, selection)
+
+    monkeypatch.setattr(train.Trainer, "_step", spy)
+    ctx = build_context(load_protocol(GROUPS), 0, log=quiet, method="jtt")
+    method = JTT(stage1_epochs=-1, lambda_up=3, error_set="train-log")
+    method.ctx = ctx
+    method.prepare(ctx)
+    assert sorted(set(steps)) == [0, 1] and len(steps) == 2 * 16  # T + 1 = 2 epochs of 16 steps
+    assert method.errors.tolist() == sorted(wrong) and len(wrong) > 0
+    stats = method.summary()
+    assert stats["stage1_epochs"] == 1 and stats["stage1_trained_epochs"] == 2 and stats["error_set_rule"] == "train-log"
+    # The eval-pass option reads a separate eval-mode pass after T epochs: another set on the same data.
+    other = JTT(stage1_epochs=-1, lambda_up=3, error_set="eval-pass")
+    other.ctx = ctx
+    other.prepare(ctx)
+    assert other.summary()["stage1_trained_epochs"] == 1 and not torch.equal(other.errors, method.errors)
+
+
+def test_train_log_stage_one_epochs_fit_in_the_protocol():
+    protocol = load_protocol(GROUPS)  # 3 epochs
+    assert resolve_stage1_epochs(-1, protocol, "train-log") == 1 and resolve_stage1_epochs(2, protocol, "train-log") == 2
+    assert resolve_stage1_epochs(3, protocol, "eval-pass") == 3
+    with pytest.raises(BenchError, match=r"stage1_epochs=3 must lie in \[0, 2\]"):
+        resolve_stage1_epochs(3, protocol, "train-log")
+    one = apply_overrides(protocol, {"epochs": 1})
+    assert resolve_stage1_epochs(-1, one, "train-log") == 0  # the only epoch there is: 0-based epoch 0
 
 
 def test_jtt_preempted_in_stage_one_resumes_to_the_same_result(tmp_path, monkeypatch):
@@ -312,7 +380,7 @@ def test_group_dro_loss_is_the_weighted_sum_of_group_means_with_the_updated_weig
     assert means.tolist() == [2.0, 2.0, 0.0, 0.5] and counts.tolist() == [2, 1, 0, 2]  # absent group 2: loss 0
 
     ctx = build_context(load_protocol(GROUPS), 0, log=quiet, method="group-dro")
-    method = GroupDRO(eta=0.5, adjustment=1.0)
+    method = GroupDRO(eta=0.5, adjustment=1.0, sampling="group-balanced")
     method.setup(ctx)
     model = ctx.new_model("main")
     batch = next(iter(ctx.data.train.batches(torch.arange(64), 64)))
@@ -331,11 +399,41 @@ def test_group_dro_loss_is_the_weighted_sum_of_group_means_with_the_updated_weig
     assert per_example.double().mean().item() == pytest.approx((q * hand).sum().item(), rel=1e-5)
 
 
+def test_group_balanced_sampling_draws_every_group_equally_often():
+    # The official --reweight_groups sampler: with replacement, weight 1 / n_group, N draws an epoch.
+    ctx = build_context(load_protocol(GROUPS), 0, log=quiet, method="group-dro")
+    groups = ctx.data.train.groups
+    sizes = torch.bincount(groups, minlength=8)
+    assert sizes.min() * 4 < sizes.max()  # the data is far from balanced (90% agreement)
+    method = GroupDRO(eta=0.01, adjustment=0.0, sampling="group-balanced")
+    method.ctx = ctx
+    epochs = 20
+    plans = [method.plan_epoch(epoch).indices for epoch in range(epochs)]
+    assert all(len(p) == len(groups) for p in plans)  # an epoch is N examples long
+    assert torch.equal(method.plan_epoch(3).indices, plans[3]) and not torch.equal(plans[3], plans[4])  # seeded
+    drawn = torch.cat(plans)
+    shares = torch.bincount(groups[drawn], minlength=8).double() / len(drawn)
+    sigma = math.sqrt((1 / 8) * (7 / 8) / len(drawn))  # binomial standard error of a share
+    assert (shares - 1 / 8).abs().max() < 4 * sigma, shares
+    # ... and the test can tell: uniform sampling (the option) visits each example once, groups as they are.
+    uniform = GroupDRO(eta=0.01, adjustment=0.0, sampling="uniform")
+    uniform.ctx = ctx
+    assert uniform.plan_epoch(0) is None
+    assert (sizes.double() / len(groups) - 1 / 8).abs().max() > 20 * sigma
+    # Within a group every example is equally likely: a 90/10 split drawn 40,000 times.
+    small = torch.tensor([0] * 90 + [1] * 10)
+    draws = group_balanced_indices(small, 40_000, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=100).double()
+    assert abs(counts[90:].sum() / 40_000 - 0.5) < 4 * math.sqrt(0.25 / 40_000)
+    for members, p in ((counts[:90], 0.5 / 90), (counts[90:], 0.5 / 10)):
+        assert ((members / 40_000 - p).abs() < 4 * math.sqrt(p * (1 - p) / 40_000)).all()
+
+
 def test_group_dro_weights_resume_with_the_checkpoint(three_runs):
     _, records = three_runs
     stats = records["group-dro"]["method_stats"]
     assert len(stats["group_weights"]) == 8 and sum(stats["group_weights"]) == pytest.approx(1.0)
-    method = GroupDRO(eta=0.01, adjustment=0.0)
+    method = GroupDRO(eta=0.01, adjustment=0.0, sampling="group-balanced")
     method.load_state_dict({"q": torch.tensor(stats["group_weights"], dtype=torch.float64)})
     assert method.state_dict()["q"].tolist() == stats["group_weights"]
 

@@ -67,6 +67,23 @@ def test_plan_matches_brute_force(r):
         assert SCORES.index(50.0) in kept.tolist()
 
 
+@pytest.mark.parametrize("r", [0.95, 0.99])
+def test_prune_ratio_above_09_acts_as_09_as_in_the_reference(r):
+    # The reference keeps max(0.1, 1 - r) of the well-learned examples: r = 0.99 skips each with
+    # probability 0.9 and weights the kept ones by 10 (not 100).
+    for seed in range(5):
+        kept, weights, n_skipped, _ = plan_from_scores(torch.tensor(SCORES), r, torch.Generator().manual_seed(seed))
+        ref_kept, ref_weights = brute_force(SCORES, 0.9, seed)
+        assert kept.tolist() == ref_kept and n_skipped == len(SCORES) - len(ref_kept)
+        assert weights.tolist() == pytest.approx(ref_weights, rel=1e-6)
+        assert float(weights.max()) == pytest.approx(10.0) and len(ref_kept) > len(SCORES) - 50
+    # ... and the test can tell: the uncapped rule skips more and weights by 1 / (1 - r).
+    uncapped, _ = brute_force(SCORES, r, 0)
+    assert len(uncapped) < len(plan_from_scores(torch.tensor(SCORES), r, torch.Generator().manual_seed(0))[0])
+    assert method_with(SCORES, prune_ratio=r).summary()["effective_prune_ratio"] == 0.9
+    assert method_with(SCORES, prune_ratio=0.7).summary()["effective_prune_ratio"] == 0.7  # at most 0.9: as given
+
+
 def test_realised_share_matches_expected_share():
     # Each of the 50 below-mean examples is skipped with probability r: expected share r * 50 / 101.
     r, draws = 0.5, 400

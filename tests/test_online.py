@@ -35,12 +35,13 @@ from benchmarks.kit.ghost import (
     weight_form,
 )
 from benchmarks.kit.online import kept_count, top_k
+from benchmarks.kit.proxies import train_proxy
 from benchmarks.reporting.plots import write_plots
 from benchmarks.reporting.tables import build_sections, markdown_tables, steps_to_target
 from conftest import quiet
 from methods import greats as greats_module
 from methods.greats import greedy_pick, set_value
-from methods.rho_loss import IL_TAG
+from methods.rho_loss import IL_TAG, IrreducibleMonitor, best_epoch, irreducible_losses
 
 ONLINE = ["greats", "uniform-online", "max-loss", "grad-norm", "rho-loss"]
 HOLDOUT = {"holdout": 64}
@@ -409,10 +410,14 @@ def test_rho_loss_irreducible_model_never_sees_the_examples_it_scores(monkeypatc
     assert torch.equal(torch.cat([i for *_, i in trained]).unique(), torch.arange(200))
 
 
+# The options that keep the earlier behaviour: eval-mode scoring, the IL model after its last epoch.
+RHO_EVAL_LAST = {"scoring_mode": "eval", "il_checkpoint": "last"}
+
+
 def test_rho_loss_keeps_the_highest_reducible_losses_and_caches_its_model(tmp_path):
     ctx = smoke_context(holdout=200, epochs=2, label_smoothing=0.1)
     ctx.cache_dir = tmp_path
-    method = method_for(ctx, "rho-loss")
+    method = method_for(ctx, "rho-loss", **RHO_EVAL_LAST)  # the defaults are checked in the tests below
     method.prepare(ctx)
     cost = ctx.meter.flops["selection"]
     il_model = ctx.new_model("score", "holdout", 0)
@@ -426,10 +431,137 @@ def test_rho_loss_keeps_the_highest_reducible_losses_and_caches_its_model(tmp_pa
     assert_top_k_of(selection.keep, reducible, 64)
     again = smoke_context(holdout=200, epochs=2, label_smoothing=0.1)
     again.cache_dir = tmp_path
-    cached = method_for(again, "rho-loss")
+    cached = method_for(again, "rho-loss", **RHO_EVAL_LAST)
     cached.prepare(again)
     assert cached.il_cached and again.meter.flops["selection"] == cost  # a hit is charged what it cost
     assert torch.equal(cached.irreducible, method.irreducible)
+
+
+def test_rho_loss_scores_candidates_in_train_mode_and_leaves_batchnorm_statistics_alone():
+    ctx = smoke_context(label_smoothing=0.1)
+    method = method_for(ctx, "rho-loss")  # the default: scoring_mode = "train", as the official code
+    assert method.hparams["scoring_mode"] == "train"
+    method.irreducible = torch.rand(ctx.num_train, generator=torch.Generator().manual_seed(3))
+    model, batch = trained_model(ctx), candidate_batch(ctx)
+    # By hand: one train-mode forward of the whole candidate batch (BatchNorm from its own statistics).
+    manual = copy.deepcopy(model).train()
+    with torch.no_grad():
+        train_losses = F.cross_entropy(manual(batch.x), batch.y, reduction="none", label_smoothing=0.1)
+    reducible = train_losses - method.irreducible[batch.index]
+    trainer = train.Trainer(ctx, model, method, evaluate=False)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    _, selection = trainer._select(batch, step_at())
+    assert model.training
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())  # running stats restored
+    assert_top_k_of(selection.keep, reducible, 64)
+    assert torch.allclose(method.scores(batch, copy.deepcopy(model), step_at()), reducible, atol=1e-5)
+    # ... and the test can tell: eval-mode scores (the option) differ, and the scoring forward itself moves
+    # the running statistics (the trainer's restore is what keeps them).
+    evaluated = eval_losses(model, batch.x, batch.y, 0.1) - method.irreducible[batch.index]
+    assert not torch.allclose(evaluated, reducible, atol=1e-3)
+    eval_method = method_for(ctx, "rho-loss", scoring_mode="eval")
+    eval_method.irreducible = method.irreducible
+    assert torch.allclose(eval_method.scores(batch, model, step_at()), evaluated, atol=1e-5)
+    moved = copy.deepcopy(model)
+    method.scores(batch, moved, step_at())
+    running = next(k for k in buffers if k.endswith("running_mean"))
+    assert not torch.equal(moved.state_dict()[running], buffers[running])
+
+
+class ConstantLogits(nn.Module):
+    """The same logits for every input: its loss on an example depends only on the example's label."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_best_il_checkpoint_is_the_first_lowest_monitored_loss():
+    assert best_epoch([0.9, 0.5, 0.7, 0.5]) == 1  # argmin; a tie keeps the earlier (strict improvement)
+    assert best_epoch([2.0, 1.0, 0.5]) == 2 and best_epoch([3.0]) == 0
+    # The monitor driven by hand: three "epochs" of models with known losses on the training split.
+    ctx = smoke_context()
+    monitor = IrreducibleMonitor(ctx)
+    labels = ctx.data.train.labels
+    sequence = [[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]  # ever surer of class 0
+    expected = []
+    for epoch, logits in enumerate(sequence):
+        monitor.after_step(ConstantLogits(logits), step_at())
+        monitor.epoch_info(epoch)
+        hand = F.cross_entropy(torch.tensor(logits).expand(len(labels), -1), labels, reduction="none")
+        expected.append(hand)
+    means = [float(e.double().mean()) for e in expected]
+    assert monitor.monitor == pytest.approx(means)
+    best = min(range(3), key=lambda i: means[i])
+    assert best == best_epoch(monitor.monitor) and best != 2  # most labels are not 0: surer is worse
+    assert torch.allclose(monitor.best, expected[best])
+
+
+# An IL model on 16 held-out examples with a large step: its loss on the training split goes up and
+# down over its 6 epochs (lowest after epoch 3), so the best checkpoint is not the last.
+NOISY_IL = {"holdout": 16, "epochs": 6, "lr": 1.0, "batch_size": 8}
+
+
+def test_rho_loss_default_il_model_is_its_best_epoch_on_the_training_split(tmp_path):
+    ctx = smoke_context(**NOISY_IL)
+    ctx.cache_dir = tmp_path / "cache"
+    method = method_for(ctx, "rho-loss")
+    method.prepare(ctx)
+    cost = ctx.meter.flops["selection"]
+    # Brute force: the IL model after e of the protocol's 6 epochs, for each e, scores the training split.
+    per_epoch = []
+    for epochs in range(1, 7):
+        fresh = smoke_context(**NOISY_IL)
+        model, _ = train_proxy(fresh, 0, epochs, tag=IL_TAG, split="holdout")  # as RhoLoss trains it
+        per_epoch.append(irreducible_losses(model, fresh))
+    means = [float(losses.double().mean()) for losses in per_epoch]
+    stats = method.summary()
+    assert stats["il_train_split_loss_by_epoch"] == pytest.approx(means, rel=1e-6)
+    best = best_epoch(means)
+    assert stats["il_best_epoch"] == best + 1 and best < 5  # not the last epoch's model
+    assert torch.allclose(method.irreducible, per_epoch[best], atol=1e-6)
+    assert not torch.allclose(method.irreducible, per_epoch[-1], atol=1e-3)  # what il_checkpoint="last" keeps
+    again = smoke_context(**NOISY_IL)
+    again.cache_dir = tmp_path / "cache"
+    cached = method_for(again, "rho-loss")
+    cached.prepare(again)
+    assert cached.il_cached and again.meter.flops["selection"] == cost  # a hit is charged what it cost
+    assert torch.equal(cached.irreducible, method.irreducible) and cached.summary() == method.summary() | {
+        "scores_cached": True}
+
+
+def test_rho_loss_il_training_preempted_resumes_to_the_same_choice(tmp_path, monkeypatch):
+    reference = smoke_context(holdout=200, epochs=3)
+    reference.cache_dir = tmp_path / "ref"
+    expected = method_for(reference, "rho-loss")
+    expected.prepare(reference)
+    original = train.Trainer._step
+
+    def stop(self, batch, step, selection=None):
+        loss = original(self, batch, step, selection)
+        if self.tag == IL_TAG and self.state.step == 6:  # 4 steps per epoch: inside epoch 2
+            train.STOP.set()
+        return loss
+
+    monkeypatch.setattr(train.Trainer, "_step", stop)
+    cut = smoke_context(holdout=200, epochs=3)
+    cut.cache_dir = tmp_path / "cut"
+    try:
+        with pytest.raises(train.Preempted, match="in epoch 2 after step 2"):
+            method_for(cut, "rho-loss").prepare(cut)
+    finally:
+        train.STOP.clear()
+    monkeypatch.setattr(train.Trainer, "_step", original)
+    resumed_ctx = smoke_context(holdout=200, epochs=3)
+    resumed_ctx.cache_dir = tmp_path / "cut"
+    resumed = method_for(resumed_ctx, "rho-loss")
+    resumed.prepare(resumed_ctx)
+    assert torch.equal(resumed.irreducible, expected.irreducible)
+    assert resumed.summary() == expected.summary()
+    assert resumed_ctx.meter.flops["selection"] == reference.meter.flops["selection"]
 
 
 # -- runs: same B and k for every method, holdouts, resume -----------------------------------------

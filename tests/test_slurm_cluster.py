@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 
+from benchmarks.jobs.sweep import SBATCH_TEMPLATE
 from slurm_support import (
     SLURM_DIR,
     _diagnostics,
@@ -38,9 +39,9 @@ def cluster():
 
 # ----------------------------------------------------------------- tests ----
 def test_array_sbatch_template_parses():
-    proc = _run(["bash", "-n", str(SLURM_DIR / "array.sbatch")], check=False)
+    proc = _run(["bash", "-n", str(SBATCH_TEMPLATE)], check=False)
     assert proc.returncode == 0, proc.stderr
-    text = (SLURM_DIR / "array.sbatch").read_text()
+    text = SBATCH_TEMPLATE.read_text()
     for opt in (
         "--job-name=bench",
         "--cpus-per-task=1",
@@ -181,7 +182,7 @@ Path(f"done_{idx}").write_text(line)
 
 
 def test_array_template_runs_tasks_and_forwards_usr1(cluster, tmp_path):
-    """slurm/array.sbatch runs one manifest line per task with $BENCH_PYTHON,
+    """The array template (benchmarks/resources/array.sbatch) runs one manifest line per task with $BENCH_PYTHON,
     and forwards a SIGUSR1 sent to the batch shell to python, then waits for it."""
     pkg = tmp_path / "benchmarks"
     pkg.mkdir()
@@ -195,7 +196,7 @@ def test_array_template_runs_tasks_and_forwards_usr1(cluster, tmp_path):
         "--array=0-2%2",
         "--time=10",
         "--output=logs/%x_%A_%a.out",
-        str(SLURM_DIR / "array.sbatch"),
+        str(SBATCH_TEMPLATE),
         "manifest.txt",
         cwd=tmp_path,
         env=env,

@@ -1,5 +1,6 @@
-"""slurm/array.sbatch reports what happened: the task's status is python's own exit status, whatever
-signals reach the batch shell around it. Run outside Slurm with stand-ins for python (no cluster).
+"""The Slurm array template (benchmarks/resources/array.sbatch, shipped in the package) reports what
+happened: the task's status is python's own exit status, whatever signals reach the batch shell around it.
+Run outside Slurm with stand-ins for python (no cluster).
 
 The flaky `test_slurm_warning_signal_checkpoints_requeues_and_completes` came from here: Slurm's
 warning signal reached the shell just as python exited after completing; `wait` returned 138
@@ -16,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.jobs.sweep import SBATCH_TEMPLATE as TEMPLATE  # the copy the package ships and submits
 from slurm_support import REPO
-
-TEMPLATE = REPO / "slurm" / "array.sbatch"
 
 # Each stand-in handles USR1/TERM as the task does (a flag, checkpoint at the next step), then:
 FAKES = {

@@ -1,5 +1,5 @@
-"""The self-supervised side: BYOL (baselines/byol.py, benchmarks/ssl.py), RELA (methods/rela.py), priors
-(benchmarks/priors.py), the linear probe, and the toy study (benchmarks/toy.py)."""
+"""The self-supervised side: BYOL (baselines/byol.py, benchmarks/kit/ssl.py), RELA (methods/rela.py), priors
+(benchmarks/kit/priors.py), the linear probe, and the toy study (benchmarks/tools/toy.py)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,11 @@ Blocks nest: a block's own figure excludes what the blocks opened inside it char
 is charged twice. A cost measured elsewhere (a cached score file holds what computing it cost) is
 charged with `charge_flops`.
 
+Artefacts: the selection work a run shares with other runs through the cache (a proxy, a score
+file) is also listed, as {key, flops} pieces (`note_artefact`; benchmarks/kit/proxies.py notes them
+when it saves or charges a cache file), so that a table can show what a run costs when that work
+is paid once across the runs that share it (the amortised figure). The listing changes no charge.
+
 Purposes: "train" (the steps that update the model being evaluated), "selection" (everything
 spent to choose data: proxy training, scoring passes, candidate passes, a prior's inference) and
 "eval" (the protocol's evaluation passes, kept out of the compared compute).
@@ -91,6 +96,8 @@ class ComputeMeter:
     examples: dict = field(default_factory=lambda: dict.fromkeys(PURPOSES, 0))
     # key -> measured FLOPs. Not checkpointed: a resumed run measures a key again, with the same result.
     figures: dict = field(default_factory=dict)
+    # {"key", "flops"} per piece of shared (cached) work this run charged, in order (module docstring).
+    artefacts: list = field(default_factory=list)
     _open: list = field(default_factory=list, repr=False)
     _synced: dict | None = field(default=None, repr=False)  # the global totals at the last sync (data parallel)
     _paused: int = field(default=0, repr=False)  # > 0: inside `paused()`
@@ -137,6 +144,11 @@ class ComputeMeter:
         if not self._paused:
             self._charge(purpose, int(flops), examples)
 
+    def note_artefact(self, key: str, flops: int) -> None:
+        """List `flops` of the selection charged so far as the work of the shared artefact `key` (no charge)."""
+        if not self._paused:
+            self.artefacts.append({"key": str(key), "flops": int(flops)})
+
     def _charge(self, purpose: str, flops: int, examples: int) -> None:
         self.flops[purpose] += flops
         self.examples[purpose] += int(examples)
@@ -164,12 +176,14 @@ class ComputeMeter:
         return self.flops["train"] + self.flops["selection"]
 
     def state_dict(self) -> dict:
-        return {"flops": dict(self.flops), "examples": dict(self.examples)}
+        return {"flops": dict(self.flops), "examples": dict(self.examples),
+                "artefacts": [dict(piece) for piece in self.artefacts]}
 
     @classmethod
     def from_state(cls, state: dict) -> ComputeMeter:
         """A meter from a checkpoint (taken after a sync: global totals, the same for every rank)."""
-        meter = cls(dict(state["flops"]), dict(state["examples"]))
+        meter = cls(dict(state["flops"]), dict(state["examples"]),
+                    artefacts=[dict(piece) for piece in state.get("artefacts", [])])  # older checkpoints: none
         meter._synced = {"flops": dict(meter.flops), "examples": dict(meter.examples)}
         return meter
 
@@ -189,4 +203,5 @@ def compute_summary(meter: ComputeMeter, full_flops: int, reference: str) -> dic
         "selection_share": meter.flops["selection"] / total if total else 0.0,
         "train_examples": meter.examples["train"],
         "measurement": MEASUREMENT,
+        "artefacts": [dict(piece) for piece in meter.artefacts],
     }

@@ -5,7 +5,7 @@ MASTER_ADDR, MASTER_PORT), or with `srun` inside a Slurm allocation (SLURM_PROCI
 SLURM_LOCALID, the first host of SLURM_JOB_NODELIST as the master, a port derived from the job id).
 NCCL on GPUs, gloo on CPUs. Without either environment a run is one process and nothing here is used.
 
-How a run is spread (benchmarks/train.py does it; the rules are here so they are in one place):
+How a run is spread (benchmarks/core/train.py does it; the rules are here so they are in one place):
 - Every rank builds the same global batch from the epoch's visiting order and augments it from the
   same seeded generator, then trains on its contiguous share (`shard`): the union of one global step is
   the single-process batch, augmentations and views included. Gradients are averaged by DDP; each

@@ -8,6 +8,8 @@
   over the groups present in the split. On Waterbirds this adjusted average is what the papers call
   "average accuracy"; `<split>_acc` stays the plain average over the split's examples (comparing
   the plain test average with the papers' number is a known reproduction trap).
+  Every split also gets `<split>_class_acc`: the accuracy on each class's examples, a list indexed by
+  class (None for a class the split lacks), read off the same correct flags (no extra pass).
 - "linear-probe": the frozen backbone's penultimate features of the training split and of each
   evaluation split (eval mode, un-augmented), standardised with the training features' mean and
   std; a linear classifier trained on them with Adam (protocol keys probe_epochs, probe_lr,
@@ -81,6 +83,15 @@ def group_metrics(correct: torch.Tensor, groups: torch.Tensor, num_groups: int,
     return metrics
 
 
+def class_accuracy(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Per-class accuracy of one split: `correct` [N] bool, `labels` [N] int64 in [0, num_classes); a class
+    with no example in the split is None (no accuracy to report, rather than a 0 that reads as failure)."""
+    labels = labels.cpu()
+    hits = torch.bincount(labels[correct.cpu()], minlength=num_classes)
+    totals = torch.bincount(labels, minlength=num_classes)
+    return [h / t if t else None for h, t in zip(hits.tolist(), totals.tolist())]
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, ctx: RunContext, dist: Dist | None = None) -> dict:
     """Accuracy on each evaluation split, with the group metrics where the split has groups.
@@ -105,6 +116,7 @@ def accuracy(model: torch.nn.Module, ctx: RunContext, dist: Dist | None = None) 
         correct = torch.zeros(len(split), dtype=torch.bool)
         correct[seen.cpu()] = hits.cpu()
         metrics[f"{name}_acc"] = correct.float().mean().item()
+        metrics[f"{name}_class_acc"] = class_accuracy(correct, split.labels, ctx.data.num_classes)
         if split.groups is not None:
             num_groups = ctx.data.num_groups or int(split.groups.max()) + 1
             for key, value in group_metrics(correct, split.groups, num_groups, ctx.data.train_group_counts).items():
@@ -157,4 +169,5 @@ def linear_probe(backbone: torch.nn.Module, ctx: RunContext) -> dict:
             with ctx.meter.measure("eval", ("probe-eval", tuple(features.shape))):
                 predicted = head((features - mean) / std).argmax(1)
             metrics[f"{name}_acc"] = (predicted == labels).float().mean().item()
+            metrics[f"{name}_class_acc"] = class_accuracy(predicted == labels, labels, ctx.data.num_classes)
     return metrics

@@ -61,7 +61,7 @@ class Protocol:
     warmup_epochs: float = 0.0
     onecycle_pct_start: float = 0.25
     label_smoothing: float = 0.0
-    augment: list = field(default_factory=list)  # the training batches' pipeline (benchmarks/augment.py)
+    augment: list = field(default_factory=list)  # the training batches' pipeline (benchmarks/core/augment.py)
     crop_padding: int = 4  # the "crop" augmentation's padding unless a spec gives its own
     view_augment: list = field(default_factory=list)  # the pipeline of Batch.view() (two-view methods)
     amp: bool = False  # mixed precision, used only on CUDA

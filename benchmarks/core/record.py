@@ -27,9 +27,10 @@ class RecordError(Exception):
     """A record file that cannot be read (truncated, not JSON, missing keys)."""
 
 
-# Every record, complete or failed, has these fields in this order (new_record builds them all).
+# Every record, complete or failed, has these fields in this order (new_record builds them all). `code` is the
+# code fingerprint (benchmarks/core/provenance.py); records written before it lack it (env.git stays for them).
 IDENTITY_FIELDS = ("run_id", "protocol", "method", "params", "seed", "overrides", "budget", "group", "selection_rule",
-                   "reads_train_groups", "protocol_fingerprint", "resolved_protocol", "env", "distributed",
+                   "reads_train_groups", "protocol_fingerprint", "resolved_protocol", "env", "code", "distributed",
                    "n_train", "holdout")
 OUTCOME_FIELDS = {"metrics": dict, "compute": None, "wall_clock_s": None, "train_seconds": None,
                   "cached_seconds": None, "charged_seconds": None, "curve": list, "method_stats": dict, "error": None,
@@ -44,7 +45,10 @@ def new_record(identity: dict, status: str, **outcome: Any) -> dict:
     unknown = sorted(set(outcome) - set(OUTCOME_FIELDS) - {"model_path"})
     if unknown:
         raise ValueError(f"not a record field: {unknown[0]}")
-    record = {"schema": SCHEMA, **{key: identity.get(key) for key in IDENTITY_FIELDS}, "status": status}
+    record = {"schema": SCHEMA, **{key: identity.get(key) for key in IDENTITY_FIELDS}}
+    if identity.get("tuning") is not None:  # a tuned sweep's trial or selected run: its role travels with it
+        record["tuning"] = identity["tuning"]
+    record["status"] = status
     for key, empty in OUTCOME_FIELDS.items():
         record[key] = outcome[key] if key in outcome else (empty() if callable(empty) else empty)
     if "model_path" in outcome:

@@ -6,7 +6,6 @@ import functools
 import hashlib
 import platform
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -20,7 +19,9 @@ from benchmarks.core.compute import ComputeMeter, compute_summary, count_flops, 
 from benchmarks.core.distributed import Dist
 from benchmarks.core.layout import ResultsLayout
 from benchmarks.core.protocol import Protocol
+from benchmarks.core.provenance import code_fingerprint
 from benchmarks.core.record import (
+    SCHEMA,
     check_writable,
     is_complete,
     load_record,
@@ -73,21 +74,29 @@ def _requested_device(requested: str | None) -> torch.device:
 
 
 def environment(device: torch.device) -> dict:
+    """Where a run ran. `threads` (torch's intra-op threads) and the CPU's model are here because both can
+    change a CPU run's rounding, so two records of one run id can differ by them (`reproduce` shows them)."""
     return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "host": socket.gethostname(), "git": _git_commit()}
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "host": socket.gethostname(), "git": _git_commit(), "threads": torch.get_num_threads()}
+
+
+def cpu_name() -> str:
+    """The CPU's model ("AMD EPYC 7B13"): Linux's /proc/cpuinfo, else what platform knows (often "" on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("-dirty" if dirty else "")) or None
+    """env.git, kept for readers of older records: the short commit (+ "-dirty") of the checkout that tracks
+    this code (code["git"] in full); None for an installed copy, even one inside another repository."""
+    code = code_fingerprint()
+    return f"{code['git'][:7]}{'-dirty' if code['dirty'] else ''}" if code["git"] else None
 
 
 def build_context(protocol: Protocol, seed: int, *, data_root: str | None = None, device: str | None = None,
@@ -264,7 +273,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
     ctx = build_context(protocol, spec.seed, data_root=data_root, device=str(dev), cache_dir=layout.cache,
                         results_dir=out, log=log, progress=progress, method=spec.method)
     check_writable(out)
-    identity = dict(run.identity(), group=group, env=environment(dev),
+    identity = dict(run.identity(), group=group, env=environment(dev), code=code_fingerprint(),
                     distributed={"world_size": dist.world_size if dist else 1,
                                  "backend": dist.backend if dist else None,
                                  "sync_batchnorm": bool(dist and protocol.sync_batchnorm)})
@@ -305,7 +314,7 @@ def execute(spec: RunSpec, out: str | Path = "results", *, data_root: str | None
 
         n_train = ctx.num_train
         identity.update(n_train=n_train, holdout=_holdout_info(ctx))
-        logging_seconds += _call_loggers(loggers, "start", dict(identity, fresh=force,
+        logging_seconds += _call_loggers(loggers, "start", dict(identity, schema=SCHEMA, fresh=force,
                                                                 resumed_at_epoch=trainer.state.epoch), log=log)
 
         def end_of_epoch(t: Trainer) -> None:
@@ -367,6 +376,7 @@ def write_failed_record(spec: RunSpec, out: str | Path, error: str, *, group: st
     run = spec.resolve()
     dist = distributed.current()  # a data-parallel task's rank 0 writes it for every rank
     identity = dict(run.identity(), group=group, env=environment(pick_device(device, dist)),
+                    code=code_fingerprint(),
                     distributed={"world_size": dist.world_size if dist else 1,
                                  "backend": dist.backend if dist else None,
                                  "sync_batchnorm": bool(dist and run.protocol.sync_batchnorm)})

@@ -9,6 +9,10 @@ The run id hashes the protocol by name AND by resolved contents (`benchmarks.cor
 overrides applied), so an edited protocol file makes new runs instead of finding old records
 "complete"; fields that cannot change a run (description, seeds, save_model) and defaults written
 out do not change it.
+
+A run of a tuned sweep (benchmarks/jobs/tuning.py) also carries its `tuning` descriptor (a trial, or
+the selected setting at a final seed): it enters the run id, and the record carries it unchanged,
+so one record file has one role. A run without one keeps the id it always had.
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ if TYPE_CHECKING:
     from benchmarks.api import Method
 
 
-def run_id(protocol: str, method: str, params: dict, seed: int, overrides: dict, protocol_fingerprint: str) -> str:
-    """A stable hash of what defines a run; `params` resolved (defaults filled in)."""
-    key = json.dumps({"protocol": protocol, "fingerprint": protocol_fingerprint, "method": method, "params": params,
-                      "seed": seed, "overrides": overrides}, sort_keys=True, separators=(",", ":"), default=str)
+def run_id(protocol: str, method: str, params: dict, seed: int, overrides: dict, protocol_fingerprint: str,
+           tuning: dict | None = None) -> str:
+    """A stable hash of what defines a run; `params` resolved (defaults filled in). `tuning` (a tuned
+    sweep's descriptor) enters the hash only when given, so every other run keeps its id."""
+    fields = {"protocol": protocol, "fingerprint": protocol_fingerprint, "method": method, "params": params,
+              "seed": seed, "overrides": overrides}
+    if tuning is not None:
+        fields["tuning"] = tuning
+    key = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -61,11 +70,14 @@ class ResolvedRun:
 
     def identity(self) -> dict:
         """The fields every record of this run starts with (benchmarks.core.record.new_record)."""
-        return {"run_id": self.run_id, "protocol": self.protocol.name, "method": self.method, "params": self.params,
-                "seed": self.seed, "overrides": self.overrides, "budget": self.protocol.budget,
-                "selection_rule": self.protocol.selection_rule,
-                "reads_train_groups": self.method_class.traits.reads_train_groups,
-                "protocol_fingerprint": self.fingerprint, "resolved_protocol": self.protocol.as_dict()}
+        identity = {"run_id": self.run_id, "protocol": self.protocol.name, "method": self.method,
+                    "params": self.params, "seed": self.seed, "overrides": self.overrides,
+                    "budget": self.protocol.budget, "selection_rule": self.protocol.selection_rule,
+                    "reads_train_groups": self.method_class.traits.reads_train_groups,
+                    "protocol_fingerprint": self.fingerprint, "resolved_protocol": self.protocol.as_dict()}
+        if self.spec.tuning is not None:
+            identity["tuning"] = self.spec.tuning
+        return identity
 
 
 @dataclass
@@ -77,14 +89,15 @@ class RunSpec:
     params: dict = field(default_factory=dict)
     seed: int = 0
     overrides: dict = field(default_factory=dict)
+    tuning: dict | None = None  # a tuned sweep's trial or selected run (benchmarks/jobs/tuning.py)
     # The last resolution and the fields it was made from: a spec is resolved once, and again only if
     # a field was changed after (the protocol file is read once, not on every access to run_id).
     _resolution: tuple[str, ResolvedRun] | None = field(default=None, init=False, repr=False, compare=False)
 
     def resolve(self) -> ResolvedRun:
         """Protocol, overrides, parameters and the method's fit, checked (BenchError), and the run id."""
-        key = json.dumps([self.protocol, self.method, self.params, self.seed, self.overrides], sort_keys=True,
-                         default=str)
+        key = json.dumps([self.protocol, self.method, self.params, self.seed, self.overrides, self.tuning],
+                         sort_keys=True, default=str)
         if self._resolution is not None and self._resolution[0] == key:
             return self._resolution[1]
         protocol = apply_overrides(load_protocol(self.protocol), self.overrides)
@@ -93,7 +106,7 @@ class RunSpec:
         protocol_fingerprint = fingerprint(protocol)
         resolved = ResolvedRun(self, protocol, params, protocol_fingerprint,
                                run_id(protocol.name, self.method, params, self.seed, self.overrides,
-                                      protocol_fingerprint))
+                                      protocol_fingerprint, self.tuning))
         self._resolution = (key, resolved)
         return resolved
 

@@ -31,6 +31,9 @@ from benchmarks.core.optim import lr_at, make_optimizer, set_lr
 from benchmarks.core.protocol import Protocol
 from benchmarks.errors import BenchError, NonFiniteLoss
 
+# The evaluation metrics progress lines and the terminal bar show, when a run has them.
+SHOWN_METRICS = ("val_acc", "val_worst_group_acc", "test_acc", "test_worst_group_acc")
+BAR_TEXT_EVERY = 10  # steps between updates of the terminal bar's text (each reads the loss: a GPU sync)
 NAN_CHECK_EVERY = 25  # steps between finiteness checks of the loss (each check syncs a GPU)
 
 # Set by a signal handler (Slurm's warning signal, SIGTERM): the trainer stops at the next step
@@ -216,17 +219,46 @@ class Trainer:
         return plan.indices[positions], weights
 
     def fit(self, on_epoch_end: Callable[[Trainer], None] | None = None) -> TrainState:
+        started = time.perf_counter()
         while self.state.epoch < self.epochs:
             entry = self.run_epoch(self.state.epoch)
             if on_epoch_end is not None:
                 on_epoch_end(self)  # (the checkpoint) before the line below: a logged epoch is a saved one
-            if not self.ctx.progress:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()
-                         if k in ("train_loss", "test_acc", "val_acc", "seconds", "examples")}
-                self.ctx.log(f"[{self.tag}] epoch {entry['epoch']}/{self.epochs} {shown}")
-            if self._agreed(STOP.is_set()) and self.state.epoch < self.epochs:
+            # A stop asked for before this point ends the run here; one asked for after the epoch's line
+            # (which a watcher may be waiting for) lands in the next epoch, mid-epoch, at a step boundary.
+            stop = self._agreed(STOP.is_set()) and self.state.epoch < self.epochs
+            if not self.ctx.progress:  # a log file (no terminal bar): one line per epoch
+                self.ctx.log(self.epoch_line(entry, time.perf_counter() - started))
+            if stop:
                 raise Preempted(f"stopped after epoch {self.state.epoch}")
         return self.state
+
+    def epoch_line(self, entry: dict, elapsed: float, last: int | None = None) -> str:
+        """One epoch as a log line: loss, the latest evaluation (this epoch's or an earlier one's), the
+        examples it trained on and the wall-clock elapsed. `last`: the epoch training stops at, when it
+        stops before the schedule's end (a proxy's snapshot)."""
+        stop = f" (of {last})" if last is not None and last != self.epochs else ""
+        text = (f"[{self.tag}] epoch {entry['epoch']}/{self.epochs}{stop} loss {entry['train_loss']:.4f}, "
+                f"{entry['examples']} examples")
+        evaluated = self.last_evaluation()
+        if evaluated is not None:
+            where, metrics = evaluated
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            text += f", {shown}" + ("" if where == entry["epoch"] else f" (epoch {where})")
+        return text + f", {elapsed:.0f} s elapsed"
+
+    def bar_text(self, loss: float) -> str:
+        evaluated = self.last_evaluation()
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in evaluated[1].items()) if evaluated else ""
+        return f"loss {loss:.4f}" + (f", {metrics} (epoch {evaluated[0]})" if evaluated else "")
+
+    def last_evaluation(self) -> tuple[int, dict] | None:
+        """(epoch, headline metrics) of the latest evaluated epoch of the curve, or None."""
+        for row in reversed(self.state.curve):
+            metrics = {k: row[k] for k in SHOWN_METRICS if k in row}
+            if metrics:
+                return row["epoch"], metrics
+        return None
 
     def _begin_epoch(self, epoch: int) -> EpochProgress:
         plan = self.method.plan_epoch(epoch) or EpochPlan(torch.arange(self.ctx.num_train))
@@ -276,6 +308,8 @@ class Trainer:
                 raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1} "
                                     f"(by step {i + 1}); lower the learning rate or check the data")
             bar.update(1)
+            if ctx.progress and (i + 1) % BAR_TEXT_EVERY == 0:  # a terminal: the bar shows loss and the last evaluation
+                bar.set_postfix_str(self.bar_text(loss_sum.item() / max(progress.seen, 1)))
             if self._agreed(STOP.is_set()) and i + 1 < steps_this_epoch:
                 progress.steps_done, progress.loss_sum = i + 1, self._global_sum(loss_sum.item())
                 progress.augment_rng = generator.get_state()
@@ -421,6 +455,9 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -430,4 +467,5 @@ def _progress(enabled: bool, total: int, desc: str):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+    # leave=True: each epoch's finished bar stays on screen with its last loss (erasing it hid the history)
+    return tqdm(total=total, desc=desc, leave=True, file=sys.stderr, dynamic_ncols=True)

@@ -1,7 +1,7 @@
 """Dataset splits that yield batches carrying their original dataset indices.
 
 TensorSplit: a small dataset held as uint8 tensors on the training device; augmentation (the
-registry of benchmarks/augment.py) runs on the device per batch, as airbench does: no per-example
+registry of benchmarks/core/augment.py) runs on the device per batch, as airbench does: no per-example
 Python in the hot loop. Its batches also carry the raw images, from which a method draws views.
 StreamingSplit: a large dataset (ImageNet, Waterbirds) read from disk by a DataLoader with workers.
 

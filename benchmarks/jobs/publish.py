@@ -58,16 +58,17 @@ def publish(manifest: Path, to: str | Path, *, partial: bool = False, log=print)
     return 0
 
 
-GENERATED = ("*.md", "*.tex", "plots/*.png", "plots/*.pdf")
+GENERATED = ("*.md", "*.tex", "*.csv", "report.html", "plots/*.png", "plots/*.pdf")
 
 
 def rebuild(records: str | Path, out: str | Path, papers: str | Path, log=print) -> int:
-    """The published tables from the published records alone: per-protocol Markdown and LaTeX, the plots,
-    replication.md, and claims.md (the papers' CPU-scale claims, where the paper files state some).
+    """The published tables from the published records alone: per-protocol Markdown and LaTeX, runs.csv and
+    summary.csv, the plots, replication.md, claims.md (the papers' CPU-scale claims, where the paper files state some), and report.html of them all.
     Everything `out` holds is generated here, so files from an earlier build that this one does not
     make (a protocol no longer published) are removed first."""
     from benchmarks.core.record import load_records
     from benchmarks.reporting.claims import evaluate_claims, load_claims, markdown_claims
+    from benchmarks.reporting.html import write_report
     from benchmarks.reporting.plots import write_plots
     from benchmarks.reporting.replicate import load_papers, markdown_table, replicate
     from benchmarks.reporting.tables import build_sections, write_tables
@@ -94,6 +95,8 @@ def rebuild(records: str | Path, out: str | Path, papers: str | Path, log=print)
     if claims:
         (out / "claims.md").write_text(markdown_claims(evaluate_claims(claims, found, "cpu"), "cpu"))
         written.append(out / "claims.md")
+    written.append(write_report(sections, out, out / "plots", [("Replication", replication),
+                                                              ("Claims", out / "claims.md")]))
     for path in written:
         log(f"wrote {path}")
     return 0

@@ -13,6 +13,9 @@ Spec:
     name = "uniform"
     grid = { fraction = [0.3, 0.5] }    # the cartesian product of the lists; scalars allowed
     slurm = { time = "02:00:00" }       # optional: this block's Slurm options over the spec's
+    [tuning]                            # optional: every block tuned the same way (benchmarks/jobs/tuning.py)
+    trials = 6; metric = "val_worst_group_acc"; seed = 1000
+    (a block with `tune = false` runs its grid untuned; in a tuned block the grid fixes parameters)
 
 Adding a method to a sweep is one [[methods]] block. Blocks with different Slurm options are
 submitted as one job array each (Slurm sets --time per array). `--quick` (a check that every block
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 from benchmarks.core.layout import ResultsLayout
@@ -42,16 +46,19 @@ from benchmarks.core.registry import method_class, resolve_params
 from benchmarks.core.spec import RunSpec
 from benchmarks.errors import BenchError
 from benchmarks.jobs.tasks import LIVE_SLURM_STATES, MAX_REQUEUES, marker_alive, read_marker, slurm_states
+from benchmarks.jobs.tuning import TunedSetting, Tuning, parse_tuning, plan_setting
 
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
-SPEC_KEYS = {"name", "protocol", "seeds", "overrides", "methods", "slurm", "description", "save_model"}
-METHOD_KEYS = {"name", "grid", "slurm", "overrides"}
+SPEC_KEYS = {"name", "protocol", "seeds", "overrides", "methods", "slurm", "description", "save_model", "tuning"}
+METHOD_KEYS = {"name", "grid", "slurm", "overrides", "tune"}
 # gpus: per node; nodes x ranks_per_node > 1 makes each run one data-parallel job (srun, one rank per GPU).
 SLURM_DEFAULTS = {"partition": None, "gpus": 0, "time": None, "mem": None, "account": None, "parallel": 8,
                   "cpus_per_task": 1, "extra": [], "max_requeues": MAX_REQUEUES, "nodes": 1, "ranks_per_node": 1}
 SLURM_KEYS = set(SLURM_DEFAULTS)
 MANIFEST_KEYS = ("run_id", "protocol", "method", "params", "seed", "overrides", "out")
-SBATCH_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "array.sbatch"
+# The array template ships inside the package (benchmarks/resources/, package data): found the same way from a
+# wheel as from a clone, so an installed copy submits too (sbatch copies the script as it submits).
+SBATCH_TEMPLATE = Path(str(files("benchmarks") / "resources" / "array.sbatch"))
 
 
 @dataclass
@@ -63,6 +70,10 @@ class Sweep:
     source: str = ""
     save_model: bool = False
     run_slurm: list[dict] = field(default_factory=list)  # per run: its [[methods]] block's Slurm options
+    tuning: Tuning | None = None  # the spec's [tuning] table
+    # The tuned settings: their trials are in `runs`; their selected runs join `runs` once chosen
+    # (benchmarks.jobs.tuning.add_selected_runs, which needs the results folder's trial records).
+    tuned: list[TunedSetting] = field(default_factory=list)
 
 
 def _check_keys(table: dict, allowed: set, where: str) -> None:
@@ -90,7 +101,8 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
     slurm.update(check_slurm_options(spec.get("slurm", {}), f"{where} [slurm]"))
     if not spec["methods"]:
         raise BenchError(f"{where}: 'methods' is empty")
-    runs, run_slurm = [], []
+    tuning = parse_tuning(spec["tuning"], where, spec["seeds"], quick) if "tuning" in spec else None
+    runs, run_slurm, tuned = [], [], []
     for i, entry in enumerate(spec["methods"]):
         entry_where = f"{where} methods[{i}]"
         _check_keys(entry, METHOD_KEYS, entry_where)
@@ -115,11 +127,24 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
             if not values:
                 raise BenchError(f"{entry_where}: grid '{key}' is empty")
             axes[key] = values[:1] if quick else values
+        tune = entry.get("tune", tuning is not None)
+        if not isinstance(tune, bool):
+            raise BenchError(f"{entry_where}: 'tune' must be true or false, got {tune!r}")
+        if tune and tuning is None:
+            raise BenchError(f"{entry_where}: tune = true needs the spec's [tuning] table (trials, metric, seed)")
         for combo in itertools.product(*axes.values()):
             try:
                 params = resolve_params(entry["name"], dict(zip(axes, combo)))
             except BenchError as exc:
                 raise BenchError(f"{entry_where}: {exc}") from None
+            if tune:  # phase 1: the trials; the grid's values are fixed, the block's and --set's settings too
+                setting = plan_setting(i, spec["protocol"], entry["name"], dict(zip(axes, combo)), overrides,
+                                       set(block_overrides) | set(extra_overrides), tuning, seeds, block_slurm,
+                                       entry_where)
+                tuned.append(setting)
+                runs += setting.trials
+                run_slurm += [dict(block_slurm) for _ in setting.trials]
+                continue
             runs += [RunSpec(spec["protocol"], entry["name"], params, seed, overrides) for seed in seeds]
             run_slurm += [dict(block_slurm) for _ in seeds]
     for run in runs:  # the protocol, overrides and method-protocol fit are checked before anything is written
@@ -127,7 +152,7 @@ def load_sweep(name_or_path: str, extra_overrides: dict | None = None, quick: bo
     save_model = spec.get("save_model", False)
     if not isinstance(save_model, bool):
         raise BenchError(f"{where}: 'save_model' must be true or false, got {save_model!r}")
-    return Sweep(spec["name"], spec["protocol"], runs, slurm, where, save_model, run_slurm)
+    return Sweep(spec["name"], spec["protocol"], runs, slurm, where, save_model, run_slurm, tuning, tuned)
 
 
 def manifest_lines(sweep: Sweep, out: str | Path, data_root: str | None = None,
@@ -141,6 +166,8 @@ def manifest_lines(sweep: Sweep, out: str | Path, data_root: str | None = None,
                 "data_root": str(Path(data_root).resolve()) if data_root else None, **(settings or {})}
         if i < len(sweep.run_slurm) and sweep.run_slurm[i]:
             line["slurm"] = sweep.run_slurm[i]
+        if spec.tuning is not None:  # a trial or a selected run: the descriptor is part of its identity
+            line["tuning"] = spec.tuning
         lines.append(line)
     return lines
 
@@ -189,7 +216,8 @@ def read_manifest_line(manifest: str | Path, index: int) -> dict:
 
 
 def line_spec(line: dict) -> RunSpec:
-    return RunSpec(line["protocol"], line["method"], line["params"], line["seed"], line["overrides"])
+    return RunSpec(line["protocol"], line["method"], line["params"], line["seed"], line["overrides"],
+                   tuning=line.get("tuning"))
 
 
 # -- state of each run, from the files (and squeue, for what is queued) ---------------------------------
@@ -217,7 +245,7 @@ def submitted_tasks(manifest: Path) -> dict[int, str]:
 def run_state(line: dict, slurm: dict[str, str] | None = None, submitted: str | None = None) -> tuple[str, str]:
     """(state, detail): complete | failed | running | queued | interrupted | corrupt | missing.
 
-    running: a marker that something proves alive (benchmarks/tasks.py); queued: a Slurm task of
+    running: a marker that something proves alive (benchmarks/jobs/tasks.py); queued: a Slurm task of
     this run that squeue still lists, not started yet. A marker that proves nothing (a task killed
     with SIGKILL) leaves the run interrupted (it has a checkpoint) or missing.
     """
@@ -258,6 +286,56 @@ def sweep_status(manifest: Path) -> list[tuple[int, dict, str, str]]:
     return [(i, line, *run_state(line, slurm, submitted.get(i))) for i, line in enumerate(lines)]
 
 
+def folder_lines(out: str | Path) -> list[dict]:
+    """Pseudo manifest lines for every run a results folder knows of (single `run`s, no manifest): records,
+    checkpoints of unfinished runs and live markers, with the method and parameters a record names."""
+    layout = ResultsLayout(out)
+    ids = {p.stem for p in layout.runs.glob("*.json")} | {p.stem for p in layout.checkpoints.glob("*.pt")}
+    ids |= {p.name for p in (layout.root / "running").glob("*") if "." not in p.name}
+    lines = []
+    for rid in sorted(ids):
+        line = {"out": str(out), "run_id": rid, "method": "?", "params": {}, "seed": "?"}
+        try:
+            record = load_record(layout.record(rid))
+            line.update(method=record["method"], params=record["params"], seed=record["seed"],
+                        wall_clock_s=record.get("wall_clock_s"))
+        except RecordError:
+            pass  # no record yet (unfinished) or a damaged one: run_state says which
+        lines.append(line)
+    return lines
+
+
+def progress_summary(states: list[tuple[int, dict, str, str]]) -> str:
+    """done/total, failures, what is under way, and an ETA from the wall-clock of the runs finished so far
+    (at as many runs at a time as are running now)."""
+    counts: dict[str, int] = {}
+    for _, _, state, _ in states:
+        counts[state] = counts.get(state, 0) + 1
+    total, complete = len(states), counts.get("complete", 0)
+    text = f"progress: {complete}/{total} complete"
+    for state in ("failed", "corrupt", "running", "queued", "interrupted", "missing"):
+        if counts.get(state):
+            text += f", {counts[state]} {state}"
+    walls = []
+    for _, line, state, _ in states:
+        if state == "complete":
+            record_wall = line.get("wall_clock_s")
+            if record_wall is None:
+                try:
+                    record_wall = load_record(ResultsLayout(line["out"]).record(line["run_id"])).get("wall_clock_s")
+                except RecordError:
+                    record_wall = None
+            if isinstance(record_wall, (int, float)):
+                walls.append(record_wall)
+    left = total - complete - counts.get("failed", 0) - counts.get("corrupt", 0)
+    if left and walls:
+        at_once = max(1, counts.get("running", 0))
+        mean = sum(walls) / len(walls)
+        text += (f"; ETA ~{_duration(mean * left / at_once)} (mean run {_duration(mean)} over {len(walls)} finished, "
+                 f"{at_once} at a time)")
+    return text
+
+
 # -- executors ---------------------------------------------------------------------------------------
 
 def compress_indices(indices: list[int]) -> str:
@@ -273,6 +351,11 @@ def task_command(manifest: Path, index: int) -> list[str]:
     return [sys.executable, "-m", "benchmarks", "task", str(manifest), str(index)]
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
 def run_local(manifest: Path, indices: list[int], jobs: int = 1, log=print) -> dict[str, list[int]]:
     """Run manifest lines as subprocesses, `jobs` at a time; returns indices by final state."""
     env = dict(os.environ)
@@ -280,11 +363,15 @@ def run_local(manifest: Path, indices: list[int], jobs: int = 1, log=print) -> d
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     logs = manifest.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pending, running, done = list(indices), {}, 0
+    pending, running, done, failed = list(indices), {}, 0, 0
     started = time.perf_counter()
     while pending or running:
         while pending and len(running) < jobs:
             index = pending.pop(0)
+            line = read_manifest_line(manifest, index)
+            log(f"[start] [{index}] {line['method']} {line['params']} seed {line['seed']}: its epochs are logged in "
+                f"{logs / f'local_{index}.out'}")
+            sys.stdout.flush()  # a log file sees each line as it happens
             log_file = open(logs / f"local_{index}.out", "ab")  # noqa: SIM115 - closed when the task ends
             running[index] = (subprocess.Popen(task_command(manifest, index), stdout=log_file,
                                                stderr=subprocess.STDOUT, env=env), log_file, time.perf_counter())
@@ -296,8 +383,14 @@ def run_local(manifest: Path, indices: list[int], jobs: int = 1, log=print) -> d
             done += 1
             line = read_manifest_line(manifest, index)
             state, detail = run_state(line, {})
+            failed += state != "complete"
+            elapsed = time.perf_counter() - started
+            left = len(indices) - done
+            eta = f", ETA {_duration(elapsed / done * left)}" if left else ""
             log(f"[{done}/{len(indices)}] {state:<9} {line['method']} {line['params']} seed {line['seed']} "
-                f"({time.perf_counter() - t0:.0f} s) {detail}")
+                f"({time.perf_counter() - t0:.0f} s) {detail}".rstrip()
+                + f" | {done} done, {failed} not complete, {left} to go{eta}")
+            sys.stdout.flush()
         time.sleep(0.2)
     log(f"sweep finished in {time.perf_counter() - started:.0f} s; logs in {logs}")
     final = {}

@@ -105,13 +105,21 @@ def run_task(manifest: str, index: int, *, data_root: str | None = None, device:
     return 0
 
 
-def request_stop_on_signals() -> None:
-    """SIGUSR1 (Slurm's warning) and SIGTERM stop training at the next step boundary, with a checkpoint."""
+def request_stop_on_signals(interrupt: bool = False) -> dict:
+    """SIGUSR1 (Slurm's warning) and SIGTERM stop training at the next step boundary, with a checkpoint.
+
+    `interrupt` (an interactive `run`): a first Ctrl-C does the same; a second one interrupts at once
+    (the checkpoint of the last finished epoch stays). Returns the handlers it replaced (signal.signal
+    restores them)."""
 
     def request_stop(signum, _frame):
+        if signum == signal.SIGINT and STOP.is_set():
+            raise KeyboardInterrupt
         if not STOP.is_set():
-            print(f"received {signal.Signals(signum).name}: stopping at the next step to checkpoint", flush=True)
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            print(f"received {signal.Signals(signum).name}: stopping at the next step to checkpoint{again}",
+                  flush=True)
         STOP.set()
 
-    signal.signal(signal.SIGUSR1, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    signals = (signal.SIGUSR1, signal.SIGTERM) + ((signal.SIGINT,) if interrupt else ())
+    return {signum: signal.signal(signum, request_stop) for signum in signals}

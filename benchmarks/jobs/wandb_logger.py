@@ -146,7 +146,8 @@ class WandbLogger(RunLogger):
     def _init(self, wandb, info: dict, mode: str):
         config = {"protocol": info.get("resolved_protocol"), "method": info["method"], "params": info["params"],
                   "overrides": info.get("overrides") or {}, "seed": info["seed"], "run_id": info["run_id"],
-                  "budget": info.get("budget"), "n_train": info.get("n_train"), "schema": info.get("schema")}
+                  "budget": info.get("budget"), "n_train": info.get("n_train"), "schema": info.get("schema"),
+                  **({"tuning": info["tuning"]} if info.get("tuning") else {})}  # a tuned sweep's trial or selected run
         # A --force rerun is a new W&B run; a resumed one continues the run of the same id.
         wandb_id = f"{info['run_id']}-{int(time.time())}" if info.get("fresh") else info["run_id"]
         return wandb.init(
@@ -247,7 +248,8 @@ def record_from_wandb_run(run) -> dict:
             "budget": config.get("budget") or protocol.get("budget"), "group": getattr(run, "group", None),
             "resolved_protocol": protocol, "metrics": _prefixed(summary, "final/"),
             "compute": _prefixed(summary, "compute/"), "method_stats": _prefixed(summary, "method_stats/"),
-            "wall_clock_s": summary.get("wall_clock_s"), "curve": _curve(run) if status == "complete" else []}
+            "wall_clock_s": summary.get("wall_clock_s"), "curve": _curve(run) if status == "complete" else [],
+            **({"tuning": config["tuning"]} if config.get("tuning") else {})}  # trials stay out of compared rows
 
 
 def records_from_wandb(path: str, api=None) -> tuple[list[dict], list[str]]:

@@ -2,7 +2,7 @@
 
 GREATS (Wang et al., NeurIPS 2024) needs, for a candidate batch, every g_i . g_j and every
 g_i . g_val (g_i: the gradient of example i's loss over ALL trainable parameters). Built on the
-per-layer machinery of benchmarks/pergrad.py: one forward and one backward of the summed loss,
+per-layer machinery of benchmarks/kit/pergrad.py: one forward and one backward of the summed loss,
 keeping each parameterised layer's input A_i (d x T after unfolding) and output gradient B_i (p x T),
 T being the sequence axis (spatial positions for nn.Conv2d, 1 for a Linear on flat features). A
 layer's per-example weight gradient is B_i A_i^T, so
@@ -31,7 +31,7 @@ with the validation examples (n x 2) are cheap.
 
 What the hooks cannot handle: a layer whose examples interact. BatchNorm in train mode normalises
 with the batch's statistics, so one example's loss depends on every other example and per-example
-gradients are not defined by one batched pass. The rule (as GraNd's, benchmarks/pergrad.py):
+gradients are not defined by one batched pass. The rule (as GraNd's, benchmarks/kit/pergrad.py):
 per-example quantities are computed with BatchNorm in eval mode, from its running statistics; the
 caller switches the model to eval mode, and `capture` refuses a BatchNorm layer in train mode.
 Covered layer types are pergrad's (exact nn.Linear, nn.Conv2d with zero padding and groups = 1,
@@ -85,21 +85,28 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def capture(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> Captured:
+def capture(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+            layers: list[nn.Module] | None = None) -> Captured:
     """Losses, logits and every trainable layer's factors from one forward/backward over (x, y).
 
     The model must be in the mode the products are meant for; a BatchNorm layer in train mode is
     refused (see the module docstring). Raises ValueError for a model the hooks do not cover.
+    `layers`: capture only these (a subset of the trainable layers, e.g. `last_block`); the backward
+    then stops at the earliest of them (autograd computes only what the asked outputs need).
     """
     coupled = coupled_layers(model)
     if coupled:
         raise ValueError(f"{type(coupled[0]).__name__} in train mode couples the examples of a batch: per-example "
                          "gradients need it in eval mode (running statistics); call model.eval() first")
-    layers = hooked_layers(model)
-    if layers is None:
+    covered = hooked_layers(model)
+    if covered is None:
         kinds = sorted({type(m).__name__ for m in model.modules() if trainable_parameters(m)})
         raise ValueError(f"ghost products cover trainable nn.Linear, nn.Conv2d (zero padding, groups 1) and "
                          f"BatchNorm layers only; this model has {', '.join(kinds)}")
+    if layers is None:
+        layers = covered
+    elif not {id(m) for m in layers} <= {id(m) for m in covered}:
+        raise ValueError("capture: `layers` must be trainable layers of the model")
     with torch.enable_grad():
         try:
             losses, logits, factors = capture_layer_factors(model, layers, x, y, label_smoothing)
@@ -196,6 +203,84 @@ def gram_with_validation(captured: Captured, n_candidates: int, form: str = "aut
         return block[:b].mean(1), None, used
     full, used = gram(captured, form)
     return full[:b, b:].mean(1), full[:b, :b], used
+
+
+# -- fast forms: products over a subset of layers, or over sketched per-example gradients ------------
+
+
+def last_block(model: nn.Module) -> list[nn.Module]:
+    """The classifier and the last block: the last trainable layer, and every trainable layer of the module
+    that holds the one before it (small-cnn: features.4's conv and BatchNorm, and head; ResNet-18:
+    layer4.1's two convs and BatchNorms, and fc). Layers are taken in registration order, which is
+    the forward order of the suite's models. Raises ValueError for a model the hooks do not cover."""
+    layers = hooked_layers(model)
+    if layers is None:
+        raise ValueError("ghost products do not cover every trainable layer of this model")
+    if len(layers) < 2:
+        return layers
+    names = {module: name for name, module in model.named_modules()}
+    parent = names[layers[-2]].rpartition(".")[0]
+    inside = [m for m in layers[:-1] if parent == "" or names[m].startswith(parent + ".")]
+    return inside + [layers[-1]]
+
+
+def restrict(captured: Captured, layers: list[nn.Module]) -> Captured:
+    """The same pass with only the factors of `layers` (products over that subset of parameters)."""
+    wanted = {id(m) for m in layers}
+    return Captured(captured.losses, captured.logits, [f for f in captured.factors if id(f[0]) in wanted])
+
+
+def sketch_flops(n: int, t: int, d: int, p: int, dim: int) -> int:
+    """Multiply-adds of sketching one weight's n per-example gradients (see `sketch_gradients`)."""
+    d1, d2 = min(p, dim), min(d, dim)
+    return n * t * ((p * d1 if p > dim else 0) + (d * d2 if d > dim else 0) + d1 * d2)
+
+
+def sketch_gradients(captured: Captured, dim: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """([n, D], the number of weights sketched): each example's gradient, every weight's part projected to at most dim x dim numbers.
+
+    A Kronecker (two-sided) Johnson-Lindenstrauss sketch, as LoGra (Choe et al. 2024) does for
+    gradient features: a weight's per-example gradient G_i = g_i a_i^T (p x d, a sum over T
+    positions) becomes P^T G_i Q = (P^T g_i)(Q^T a_i)^T, with P (p x dim) and Q (d x dim) of
+    independent N(0, 1/dim) entries, so E[<P^T G_i Q, P^T G_j Q>] = <G_i, G_j> (unbiased products).
+    Computed from the factors, never forming G_i: n T (p dim + d dim + dim^2) multiply-adds instead of
+    the materialised n T d p. A side no longer than `dim` is kept as it is (exact on that side), so
+    dim >= max(p, d) for every weight gives the exact products. Biases and BatchNorm parameters
+    (Vector pieces) are kept exactly. The projections are drawn from `generator` (CPU), in the
+    order of the pieces, so a (seed, step) generator makes the same sketch on every rank and resume.
+    The products are then one matmul of this matrix with itself.
+    """
+    if dim < 1:
+        raise ValueError(f"sketch dimension must be >= 1, got {dim}")
+    columns, weights = [], 0
+    for module, a, g in captured.factors:
+        for piece in pieces(module, a, g).values():
+            if isinstance(piece, Vector):
+                columns.append(piece.v)
+                continue
+            weights += 1
+            n, p, t = piece.g.shape
+            d = piece.a.shape[1]
+            g_t, a_t = piece.g.transpose(1, 2), piece.a.transpose(1, 2)  # [n, T, p], [n, T, d]
+            if p > dim:
+                proj = torch.randn(p, dim, generator=generator, dtype=torch.float64) / dim ** 0.5
+                g_t = g_t @ proj.to(g_t)
+            if d > dim:
+                proj = torch.randn(d, dim, generator=generator, dtype=torch.float64) / dim ** 0.5
+                a_t = a_t @ proj.to(a_t)
+            columns.append(torch.bmm(g_t.transpose(1, 2), a_t).reshape(n, -1))  # sum over positions
+    return torch.cat(columns, 1), weights
+
+
+def sketched_with_validation(captured: Captured, n_candidates: int, dim: int, generator: torch.Generator,
+                             interactions: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, int]]:
+    """`gram_with_validation`'s (g_i . g_val, g_i . g_j or None, {"sketched": weights}) from sketched gradients."""
+    b, n = n_candidates, captured.losses.shape[0]
+    if n <= b:
+        raise ValueError("the pass holds no validation examples after the candidates")
+    sketched, weights = sketch_gradients(captured, dim, generator)
+    values = sketched[:b] @ sketched[b:].mean(0)
+    return values, (sketched[:b] @ sketched[:b].T if interactions else None), {"sketched": weights}
 
 
 def subset_gradient(model: nn.Module, captured: Captured, keep: torch.Tensor,

@@ -10,7 +10,9 @@ of it: they then train on half as many examples per step as GREATS. Not here.)
 Decisions shared by the family:
 - Scoring passes run with BatchNorm in eval mode (running statistics), so an example's score does
   not depend on which other examples share its candidate batch and per-example gradients exist (the
-  rule of benchmarks/ghost.py and of GraNd). They do not move BatchNorm statistics either.
+  rule of benchmarks/kit/ghost.py and of GraNd). They do not move BatchNorm statistics either. A method
+  whose official code scores otherwise follows its code and says so in its docstring (the trainer
+  still restores BatchNorm's running statistics after `select`).
 - Scores are of the training loss as the trainer computes it (the protocol's label smoothing
   included), on the candidate batch as it will be trained (augmented).
 - The candidate batch of an epoch's last step may be short: it keeps ceil(n / candidate_factor).

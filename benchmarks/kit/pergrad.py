@@ -26,7 +26,7 @@ The loss is the plain cross-entropy (no label smoothing), as in the paper, unles
 for the training loss's smoothing.
 
 The hooks' factors (each layer's input and output gradient, `capture_layer_factors`) and their split into
-per-parameter pieces (`pieces`) are shared with benchmarks/ghost.py, which builds Gram matrices and
+per-parameter pieces (`pieces`) are shared with benchmarks/kit/ghost.py, which builds Gram matrices and
 subset gradients from them.
 """
 
@@ -164,7 +164,7 @@ def capture_layer_factors(model: nn.Module, layers: list[nn.Module], x: torch.Te
     all detached. The gradient at a layer's output of the SUM of the losses is, row by row, each example's
     own gradient, provided the examples do not interact (BatchNorm from running statistics).
     The factors are what every per-example quantity here is built from: squared norms (below), Gram
-    matrices and subset gradients (benchmarks/ghost.py).
+    matrices and subset gradients (benchmarks/kit/ghost.py).
     """
     seen: list[tuple[nn.Module, torch.Tensor, int, torch.Tensor]] = []
 

@@ -13,6 +13,11 @@ name, the run seed). Every file holds the FLOPs and seconds its contents cost; a
 FLOPs to the meter (the method's cost does not depend on what another run computed first) and the
 seconds to `ctx.cached_seconds`. Files are written atomically.
 
+Each file also lists its work as pieces {key, flops} (an artefact made inside another one, such as
+the proxy a score file trained, is its own piece), and every save or hit notes those pieces on the
+meter (`compute.artefacts` in the record): what a table needs to pay shared work once across the
+runs that used it (the amortised figure). Nothing is noted without a cache: nothing is shared then.
+
 Resumable: a proxy in training writes `<name>.partial.pt` after every epoch, and mid-epoch when the
 run is asked to stop (Slurm's warning signal), holding the trainer's state and the FLOPs spent so
 far. `prepare` then starts over after a preemption, finds finished artefacts in the cache and the
@@ -121,10 +126,21 @@ def save_cached(path: Path | None, payload: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def artefact_key(key: dict) -> str:
+    """A cache key as a short stable name: its kind and a digest of the whole key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{key.get('kind', 'artefact')}-{digest}"
+
+
 def charge_cached(ctx: RunContext, payload: dict) -> None:
     """A cache hit costs what computing it cost: its FLOPs to the meter, its seconds to the record."""
     ctx.meter.charge_flops("selection", payload["flops"])
     ctx.cached_seconds += float(payload.get("seconds", 0.0))
+    if "key" in payload:  # an artefact (a partial proxy has no key: its work becomes the proxy's own piece)
+        # A file written before artefacts were listed is one piece: all its work.
+        pieces = payload.get("artefacts", [{"key": artefact_key(payload["key"]), "flops": payload["flops"]}])
+        for piece in pieces:
+            ctx.meter.note_artefact(piece["key"], piece["flops"])
 
 
 class Spending:
@@ -133,12 +149,25 @@ class Spending:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.flops0, self.cached0 = ctx.meter.flops["selection"], ctx.cached_seconds
+        self.noted0 = len(ctx.meter.artefacts)
         self.started = time.perf_counter()
 
     def payload(self, **contents) -> dict:
-        """The cache payload: contents plus the FLOPs and seconds spent (cache hits inside included)."""
-        return {**contents, "flops": self.ctx.meter.flops["selection"] - self.flops0,
-                "seconds": time.perf_counter() - self.started + self.ctx.cached_seconds - self.cached0}
+        """The cache payload: contents plus the FLOPs and seconds spent (cache hits inside included).
+
+        With a `key` and a cache, also its pieces of work: those noted since this Spending began
+        (artefacts made or hit inside it, and an earlier payload's own piece: files written from one
+        piece of work share it) and one piece, under this key, for the rest.
+        """
+        flops = self.ctx.meter.flops["selection"] - self.flops0
+        payload = {**contents, "flops": flops,
+                   "seconds": time.perf_counter() - self.started + self.ctx.cached_seconds - self.cached0}
+        if "key" in contents and self.ctx.cache_dir is not None:
+            rest = flops - sum(piece["flops"] for piece in self.ctx.meter.artefacts[self.noted0:])
+            if rest > 0:
+                self.ctx.meter.note_artefact(artefact_key(contents["key"]), rest)
+            payload["artefacts"] = [dict(piece) for piece in self.ctx.meter.artefacts[self.noted0:]]
+        return payload
 
 
 def proxy_tag(run: int) -> str:
@@ -207,9 +236,12 @@ def train_proxy(ctx: RunContext, run: int, epochs: int, method: Method | None = 
         if partial_path is not None:  # the run's own checkpoint mechanism, owned by the partial's key
             save_checkpoint(partial_path, spent.payload(trainer=trainer.state_dict()), owner=partial_key)
 
+    started = time.perf_counter()
     try:
         while trainer.state.epoch < epochs:  # stop early inside the protocol's schedule (module docstring)
-            trainer.run_epoch(trainer.state.epoch)
+            entry = trainer.run_epoch(trainer.state.epoch)
+            if not ctx.progress:  # a log file: a line per proxy epoch, as for the run's own epochs
+                ctx.log(trainer.epoch_line(entry, time.perf_counter() - started, last=epochs))
             if STOP.is_set() and trainer.state.epoch < epochs:
                 raise Preempted(f"stopped proxy {trainer.tag} after epoch {trainer.state.epoch}")
             keep_partial()

@@ -1,6 +1,6 @@
 """Static selection by per-example scores: the machinery every score method shares.
 
-A score method trains `score_runs` independent proxy models (benchmarks/proxies.py), scores every
+A score method trains `score_runs` independent proxy models (benchmarks/kit/proxies.py), scores every
 training example with each (a ScoreKind registered by the method's module: EL2N, GraNd, forgetting,
 AUM ...), averages the scores (keyed by the ORIGINAL dataset index), keeps a static subset chosen
 from the averaged scores (`select_by_scores`), and trains the main model on it (ScoreSelection).
@@ -189,6 +189,7 @@ def compute_scores(ctx: RunContext, kind: str, runs: int, epoch: int) -> tuple[t
         raise BenchError(f"unknown score '{kind}' (known: {', '.join(sorted(SCORE_KINDS))})")
     per_run, cached, extra = [], [], []
     for run in range(runs):
+        ctx.log(f"[scores] {kind}: proxy run {run + 1}/{runs}, scored after {epoch} epoch(s)")
         scores, stats, hit = score_run(ctx, kind, epoch, run)
         ctx.log(f"[scores] {kind} epoch {epoch} run {run + 1}/{runs}" + (" (cached)" if hit else ""))
         per_run.append(scores)
@@ -322,7 +323,7 @@ SELECTION_PARAMS = {
     # parameter, do not change); the ccs method's default is -1 (methods/ccs.py).
     "ccs_beta": Param(0.3, "mode ccs: share of the hardest dropped before stratified sampling; "
                       "-1 = the CCS paper's value for the pruning rate (0.3 at 90% pruned, 0 at 50%)",
-                      low=-1.0, high=1.0, high_open=True),
+                      low=-1.0, high=1.0, high_open=True, labels={PAPER_BETA: "paper beta"}),
 }
 SCORE_RUNS = Param(10, "independent proxy runs whose scores are averaged (the paper: 10)", low=1)
 

@@ -1,6 +1,6 @@
-"""Papers' qualitative claims, checked from run records: holds, fails, or not run.
+"""Papers' qualitative claims, checked from run records: holds, fails, undecided, or not run.
 
-A claim (`[[claim]]` in results/paper/*.toml, see results/paper/claims.toml) compares two selections
+A claim (`[[claim]]` in benchmarks/resources/paper/*.toml, see its claims.toml) compares two selections
 of records, left and right, on one metric: "left - right <relation> threshold". It has one form per
 scale (a paper-scale protocol and a CPU-scale analogue), each naming the protocol and both sides:
 
@@ -26,20 +26,22 @@ scale (a paper-scale protocol and a CPU-scale analogue), each naming the protoco
 
 A side matches the complete records of the form's protocol and overrides whose method is the side's and
 whose parameters, with the method's defaults filled in, are the setting's (as replicate matches paper
-numbers). Settings use the "k=v, k=v" syntax of results/paper; a remark in parentheses is ignored.
+numbers). Settings use the "k=v, k=v" syntax of the paper files; a remark in parentheses is ignored.
 
 The significance rule. With n_L, n_R runs (seeds), means m_L, m_R and sample standard deviations
 s_L, s_R: d = m_L - m_R and SE = sqrt(s_L^2 / n_L + s_R^2 / n_R) (Welch). The verdict reads the
-interval d +- 2 SE (about 95% for many seeds; with 2 seeds per side it is a rough guide, and the
-table says n):
+interval d +- 2 SE (about 95% for many seeds; with few seeds it is a rough guide, and the table says n):
   ">"      holds iff d - 2 SE > threshold    (shown: left exceeds right by more than the threshold)
   "<"      holds iff d + 2 SE < threshold    (shown: left is below right + threshold)
   ">="     holds iff d + 2 SE >= threshold   (not shown below: fails only when left is significantly
                                               under right + threshold; "at least matches")
   "<="     holds iff d - 2 SE <= threshold   (not shown above: "does not beat")
   "within" holds iff |d| + 2 SE <= threshold (shown: the whole interval inside +-threshold)
-A verdict needs at least MIN_RUNS runs on each side; otherwise it is "not run" and the table says what
-is missing. A claim that fails is a finding to report, not to tune away.
+A verdict needs at least MIN_RUNS = 3 runs (seeds) on each side (the project's rule: a claim needs at
+least 3 seeds per side; with 2, the standard deviation behind SE is too rough to decide on). A claim
+with no run on a side is "not run"; one with runs on both sides but fewer than MIN_RUNS on one is
+"undecided (n < 3)": the table still shows d (and +- 2 SE where each side has 2 runs) and says what is
+missing. A claim that fails is a finding to report, not to tune away.
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ else:  # pragma: no cover
 
 from benchmarks.core.record import current_records, params_label
 from benchmarks.errors import BenchError
+from benchmarks.reporting.replicate import PAPERS_DIR
 
 RELATIONS = (">", ">=", "<", "<=", "within")
 SCALES = ("paper", "cpu")
-MIN_RUNS = 2
+MIN_RUNS = 3  # runs (seeds) per side a verdict needs
 Z = 2.0  # standard errors in the significance rule
 CLAIM_KEYS = {"name", "paper", "statement", "source", "metric", "relation", "threshold", "form", "note"}
 FORM_KEYS = {"scale", "protocol", "overrides", "left", "right", "note"}
@@ -166,9 +169,9 @@ def _claim(raw, path: Path, index: int) -> Claim:
                  raw["relation"], float(threshold), forms, str(raw.get("note", "")), where)
 
 
-def load_claims(folder: str | Path) -> list[Claim]:
+def load_claims(folder: str | Path | None = None) -> list[Claim]:
     """Every [[claim]] of every *.toml under the folder (or of one file); names must be unique."""
-    folder = Path(folder)
+    folder = PAPERS_DIR if folder is None else Path(folder)  # default: the files the package ships
     files = sorted(folder.glob("*.toml")) if folder.is_dir() else [folder]
     claims: list[Claim] = []
     for path in files:
@@ -218,8 +221,19 @@ def verdict(relation: str, threshold: float, difference: float, se: float) -> bo
             "within": -threshold <= low and high <= threshold}[relation]
 
 
-def evaluate_claims(claims: list[Claim], records: list[dict], scale: str = "cpu") -> list[dict]:
-    """One row per claim at `scale`: both sides' numbers, the difference, its standard error, the verdict."""
+def undecided(min_runs: int = MIN_RUNS) -> str:
+    """The verdict of a claim with runs on both sides but fewer than `min_runs` on one."""
+    return f"undecided (n < {min_runs})"
+
+
+def evaluate_claims(claims: list[Claim], records: list[dict], scale: str = "cpu",
+                    min_runs: int = MIN_RUNS) -> list[dict]:
+    """One row per claim at `scale`: both sides' numbers, the difference, its standard error, the verdict.
+
+    `min_runs`: runs (seeds) per side a verdict needs (the project's rule: MIN_RUNS; at least 2, for SE).
+    """
+    if min_runs < 2:
+        raise ValueError(f"min_runs must be at least 2 (a standard error needs 2 runs a side), got {min_runs}")
     if scale not in SCALES:
         raise BenchError(f"unknown scale '{scale}' (known: {', '.join(SCALES)})")
     complete = [r for r in current_records(records, []) if r.get("status") == "complete"
@@ -237,14 +251,18 @@ def evaluate_claims(claims: list[Claim], records: list[dict], scale: str = "cpu"
         right = _summary(_matching(complete, form.protocol, form.overrides, form.right), claim.metric)
         row.update(left=left, right=right)
         short = [f"{side.label}: {s['n']} run{'s' if s['n'] != 1 else ''}" for side, s in
-                 ((form.left, left), (form.right, right)) if s["n"] < MIN_RUNS]
+                 ((form.left, left), (form.right, right)) if s["n"] < min_runs]
+        if left["n"] and right["n"]:  # d where both sides ran; SE where both have a standard deviation
+            row["difference"] = left["mean"] - right["mean"]
+            if left["std"] is not None and right["std"] is not None:
+                row["se"] = math.sqrt(left["std"] ** 2 / left["n"] + right["std"] ** 2 / right["n"])
         if short:
-            row["reason"] = "; ".join(short) + f" (needs {MIN_RUNS})"
+            row["reason"] = "; ".join(short) + f" (needs {min_runs})"
+            if left["n"] and right["n"]:
+                row["verdict"] = undecided(min_runs)
         else:
-            difference = left["mean"] - right["mean"]
-            se = math.sqrt(left["std"] ** 2 / left["n"] + right["std"] ** 2 / right["n"])
-            row.update(difference=difference, se=se,
-                       verdict="holds" if verdict(claim.relation, claim.threshold, difference, se) else "fails")
+            holds = verdict(claim.relation, claim.threshold, row["difference"], row["se"])
+            row["verdict"] = "holds" if holds else "fails"
         rows.append(row)
     return rows
 
@@ -261,7 +279,7 @@ def _side_text(summary: dict | None, percent: bool) -> str:
     return f"{summary['mean'] * scale:.2f}{std} (n={summary['n']}, seeds {','.join(map(str, summary['seeds']))})"
 
 
-def markdown_claims(rows: list[dict], scale: str = "cpu") -> str:
+def markdown_claims(rows: list[dict], scale: str = "cpu", min_runs: int = MIN_RUNS) -> str:
     lines = [f"### Claims checked from records ({scale} scale)", "",
              "| claim | protocol | left | right | d = left - right (± 2 SE) | rule | verdict |",
              "|---|---|---|---|---:|---|---|"]
@@ -271,20 +289,23 @@ def markdown_claims(rows: list[dict], scale: str = "cpu") -> str:
         percent = claim.metric.endswith("acc")
         unit, scale_by = (" pp", 100) if percent else ("", 1)
         t = f"{claim.threshold * scale_by:g}{unit}"
-        diff = "" if row["difference"] is None else \
-            f"{row['difference'] * scale_by:+.2f} ± {2 * row['se'] * scale_by:.2f}{unit}"
+        diff = "" if row["difference"] is None else f"{row['difference'] * scale_by:+.2f}" + \
+            ("" if row["se"] is None else f" ± {2 * row['se'] * scale_by:.2f}") + unit
         left = f"{form.left.label}: {_side_text(row['left'], percent)}" if form else ""
         right = f"{form.right.label}: {_side_text(row['right'], percent)}" if form else ""
         cells = [f"**{claim.name}**: {claim.statement}", form.protocol if form else "", left, right, diff,
                  RULE_TEXT[claim.relation].format(t=t) + f" ({claim.metric})",
                  f"**{row['verdict']}**" + (f": {row['reason']}" if row["reason"] else "")]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in ("holds", "fails", "not run")}
-    lines += ["", f"{len(rows)} claims: {counts['holds']} hold, {counts['fails']} fail, {counts['not run']} not run. "
+    counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in ("holds", "fails", undecided(min_runs), "not run")}
+    n_undecided = counts[undecided(min_runs)]
+    lines += ["", f"{len(rows)} claims: {counts['holds']} hold, {counts['fails']} fail, "
+              + (f"{n_undecided} undecided (fewer than {min_runs} runs on a side), " if n_undecided else "")
+              + f"{counts['not run']} not run. "
               "d = mean(left) - mean(right), shown ± 2 standard errors (Welch: SE = sqrt(sL²/nL + sR²/nR)). "
               "Rule: '>' and '<' need the whole ±2SE interval beyond the threshold (shown); '>=' and '<=' fail "
               "only when the whole interval lies on the wrong side (not refuted); 'within' needs the whole "
-              f"interval inside ±threshold. A verdict needs {MIN_RUNS} runs (seeds) per side. "
+              f"interval inside ±threshold. A verdict needs {min_runs} runs (seeds) per side. "
               "Accuracies in percent. A failing claim is a finding, reported as measured.", "", "Sources:"]
     for row in rows:
         claim = row["claim"]

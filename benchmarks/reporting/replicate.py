@@ -1,6 +1,7 @@
-"""Our runs next to the numbers the papers report (results/paper/*.toml, one file per paper).
+"""Our runs next to the numbers the papers report (benchmarks/resources/paper/*.toml, one file per paper;
+--papers names another folder).
 
-(The papers' qualitative claims, `[[claim]]` tables in the same folder, are checked by benchmarks/claims.py.)
+(The papers' qualitative claims, `[[claim]]` tables in the same folder, are checked by benchmarks/reporting/claims.py.)
 
 Each [[entry]] names: paper, protocol, method, setting ("-" or "k=v, k=v" like report.params_label;
 a remark in parentheses is ignored, "--set k=v" items are protocol overrides), metric, value, source
@@ -21,6 +22,7 @@ import re
 import statistics
 import sys
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -35,6 +37,9 @@ REQUIRED = ("paper", "protocol", "method", "setting", "metric", "value", "source
 OPTIONAL = ("overrides", "note", "bound")
 BOUNDS = ("upper", "lower")
 COMPUTE_METRICS = ("saved", "fraction", "selection_share")
+# The papers' numbers and claims ship inside the package (benchmarks/resources/paper/, package data), so `replicate`
+# and `tables --published` find them from a wheel as from a clone (results/paper links there); --papers reads others.
+PAPERS_DIR = Path(str(files("benchmarks") / "resources" / "paper"))
 
 
 @dataclass
@@ -122,9 +127,9 @@ def _entry(raw, path: Path, index: int) -> PaperEntry:
                       raw.get("bound"), where)
 
 
-def load_papers(folder: str | Path) -> list[PaperEntry]:
+def load_papers(folder: str | Path | None = None) -> list[PaperEntry]:
     """Every entry of every *.toml under the folder; the first bad entry is one error naming file and entry."""
-    folder = Path(folder)
+    folder = PAPERS_DIR if folder is None else Path(folder)  # default: the files the package ships
     files = sorted(folder.glob("*.toml")) if folder.is_dir() else [folder]
     if not files or not files[0].exists():
         raise BenchError(f"no paper files (*.toml) in {folder}")
@@ -136,7 +141,7 @@ def load_papers(folder: str | Path) -> list[PaperEntry]:
             raise BenchError(f"{path}: not readable TOML ({exc})") from None
         raw_entries = data.get("entry")
         if raw_entries is None and "claim" in data:
-            continue  # a file of claims only (benchmarks/claims.py)
+            continue  # a file of claims only (benchmarks/reporting/claims.py)
         if not isinstance(raw_entries, list) or not raw_entries:
             raise BenchError(f"{path}: no [[entry]] tables")
         entries += [_entry(raw, path, i) for i, raw in enumerate(raw_entries, 1)]
