@@ -117,7 +117,11 @@ PERF_METHODS = {
 
 @nox.session(**SHARED)
 def perf(session: nox.Session) -> None:
-    """Speed ratios measured side by side on this machine; written to results/perf.json."""
+    """Speed ratios measured side by side on this machine; written to results/perf.json. Then GREATS's
+    product forms (exact, last block, sketch) against a plain step with their fidelity to the exact form,
+    written to results/greats-speed.json (benchmarks/tools/greats_speed.py)."""
     methods = [arg for option, names in PERF_METHODS.items() for name in names for arg in (option, name)]
     session.run(python(session), "-m", "benchmarks.tools.perf", "--out", "results/perf.json", *methods,
                 *session.posargs, external=True)
+    session.run(python(session), "-m", "benchmarks.tools.greats_speed", "--out", "results/greats-speed.json",
+                external=True)
