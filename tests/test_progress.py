@@ -95,5 +95,7 @@ def test_list_prints_whole_descriptions():
 
     out = cli("list").stdout
     for name, cls in list_methods().items():
+        if name.startswith("test-"):
+            continue  # registered by other test modules in this process only, not in the CLI's
         first_paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         assert first_paragraph in out, name
