@@ -64,16 +64,7 @@ import torch
 
 from benchmarks.api import EpochPlan, Method, Param, Protocol, RunContext, Space, StepInfo, Traits, register
 from benchmarks.errors import BenchError
-from benchmarks.kit.proxies import (
-    Spending,
-    cache_file,
-    cache_key,
-    charge_cached,
-    load_cached,
-    per_example_pass,
-    save_cached,
-    train_proxy,
-)
+from benchmarks.kit.proxies import cache_file, cache_key, cached_artefact, per_example_pass, train_proxy
 
 STAGE1_SHARE = 0.2  # stage1_epochs = -1: the paper's Waterbirds point, epoch 60 of 300
 ERROR_SET_RULES = ("train-log", "eval-pass")
@@ -148,16 +139,14 @@ def train_log_errors(ctx: RunContext, epoch: int) -> tuple[torch.Tensor, bool]:
     """The official rule: (error set read off 0-based epoch `epoch` of stage 1 as it trains, came from the cache)."""
     key = cache_key(ctx, kind="jtt-train-log", epoch=epoch, run=0)
     path = cache_file(ctx, "scores", f"jtt-train-log-epoch{epoch}-run0-seed{ctx.seed}")
-    cached = load_cached(path, key, ctx.log)
-    if cached is not None:
-        charge_cached(ctx, cached)
-        return cached["errors"], True
-    spent = Spending(ctx)
-    log = EpochErrorLog(ctx.num_train, epoch)
-    train_proxy(ctx, 0, epoch + 1, method=log)  # the default proxy: the model it leaves is cached for others
-    errors = log.errors()
-    save_cached(path, spent.payload(key=key, errors=errors))
-    return errors, False
+
+    def read_the_log() -> dict:
+        log = EpochErrorLog(ctx.num_train, epoch)
+        train_proxy(ctx, 0, epoch + 1, method=log)  # the default proxy: the model it leaves is cached for others
+        return {"errors": log.errors()}
+
+    payload, hit = cached_artefact(ctx, path, key, read_the_log)
+    return payload["errors"], hit
 
 
 def predict_train(model: torch.nn.Module, ctx: RunContext, tag: str) -> torch.Tensor:

@@ -63,15 +63,7 @@ from torch import nn
 
 from benchmarks.api import Param, embed, register
 from benchmarks.kit.priors import check_prior_spec, load_prior, prior_identity
-from benchmarks.kit.proxies import (
-    Spending,
-    charge_cached,
-    dataset_artefact,
-    embedding_pass,
-    file_label,
-    load_cached,
-    save_cached,
-)
+from benchmarks.kit.proxies import cached_artefact, dataset_artefact, embedding_pass, file_label, load_cached
 from benchmarks.kit.ssl import SSL_PARAMS, BYOLMethod, BYOLNetworks, byol_loss, feature_dim
 
 RELA_VIEWS = [{"name": "random-resized-crop", "scale": [0.5, 1.0]}, "flip",
@@ -214,16 +206,8 @@ class RELA(BYOLMethod):
             return pca_targets(features, self.target_dim)
 
     def prepare(self, ctx) -> None:
-        path, key = self._cache(ctx)
-        cached = load_cached(path, key, ctx.log)
-        if cached is not None:
-            charge_cached(ctx, cached)
-            targets = cached["targets"]
-        else:
-            spent = Spending(ctx)
-            targets = self._generate(ctx)
-            save_cached(path, spent.payload(key=key, targets=targets.cpu()))
-        self._keep(targets, ctx)
+        cached, _ = cached_artefact(ctx, *self._cache(ctx), lambda: {"targets": self._generate(ctx).cpu()})
+        self._keep(cached["targets"], ctx)
 
     def _keep(self, targets: torch.Tensor, ctx) -> None:
         # In-memory datasets keep the targets beside the images on the device; a streaming one on the CPU.

@@ -59,16 +59,7 @@ import torch.nn.functional as F
 from benchmarks.api import Batch, Method, Param, RunContext, Step, register
 from benchmarks.errors import BenchError
 from benchmarks.kit.online import CANDIDATE_FACTOR, OnlineSelection, candidate_losses
-from benchmarks.kit.proxies import (
-    Spending,
-    cache_file,
-    cache_key,
-    charge_cached,
-    load_cached,
-    per_example_pass,
-    save_cached,
-    train_proxy,
-)
+from benchmarks.kit.proxies import cache_file, cache_key, cached_artefact, per_example_pass, train_proxy
 
 IL_TAG = "rho-irreducible"
 SCORING_MODES = ("train", "eval")
@@ -188,17 +179,13 @@ class RhoLoss(OnlineSelection):
             return
         key = cache_key(ctx, kind="rho-irreducible-best", epoch=epochs, split_size=len(ctx.data.holdout))
         path = cache_file(ctx, "scores", f"rho-irreducible-best-epoch{epochs}-seed{ctx.seed}")
-        cached = load_cached(path, key, ctx.log)
-        if cached is None:
-            spent = Spending(ctx)
+
+        def train_the_il_model() -> dict:
             monitor = IrreducibleMonitor(ctx)
             train_proxy(ctx, 0, epochs, method=monitor, tag=IL_TAG, split="holdout")
-            cached = spent.payload(key=key, losses=monitor.best, monitor=monitor.monitor)
-            save_cached(path, cached)
-            self.il_cached = False
-        else:
-            charge_cached(ctx, cached)
-            self.il_cached = True
+            return {"losses": monitor.best, "monitor": monitor.monitor}
+
+        cached, self.il_cached = cached_artefact(ctx, path, key, train_the_il_model)
         self.irreducible = cached["losses"].to(ctx.device)
         self.il_stats = {"il_best_epoch": best_epoch(cached["monitor"]) + 1,  # 1-based, as the curve's epochs
                          "il_train_split_loss_by_epoch": list(cached["monitor"])}

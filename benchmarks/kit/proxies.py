@@ -143,6 +143,20 @@ def charge_cached(ctx: RunContext, payload: dict) -> None:
             ctx.meter.note_artefact(piece["key"], piece["flops"])
 
 
+def cached_artefact(ctx: RunContext, path: Path | None, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """(payload, came from the cache): the artefact at `path` if it matches `key`, its cost charged to the run;
+    else `compute()` (its contents, metered as selection as it runs), saved with what it cost. The one
+    load-or-compute rule of the artefacts methods cache (JTT's error set, RHO-Loss's losses, RELA's targets)."""
+    cached = load_cached(path, key, ctx.log)
+    if cached is not None:
+        charge_cached(ctx, cached)
+        return cached, True
+    spent = Spending(ctx)
+    payload = spent.payload(key=key, **compute())
+    save_cached(path, payload)
+    return payload, False
+
+
 class Spending:
     """The selection FLOPs and seconds spent from here on (what a cached artefact records it cost)."""
 
