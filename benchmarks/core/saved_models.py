@@ -106,7 +106,6 @@ def _rebuild(info: dict, build: dict, out: str | Path) -> tuple[torch.nn.Module,
     ctx = RunContext(protocol, data, torch.device("cpu"), ComputeMeter(), info["seed"], log=_quiet,
                      results_dir=Path(out))
     method = create_method(info["method"], **info["params"])
-    method.ctx = ctx
     # Building draws from the global RNG (a head's nn.Linear): loading a prior must not move the run's draws.
     with torch.random.fork_rng(devices=[]):
         model = method.build_model(ctx) or ctx.new_model("main")
