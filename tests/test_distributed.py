@@ -269,3 +269,59 @@ def test_a_slurm_array_task_runs_two_ranks_and_survives_its_warning_signal(clust
     record = json.loads(ResultsLayout(out).record(reference["run_id"]).read_text())
     assert record["status"] == "complete" and record["distributed"]["world_size"] == 2
     assert record["metrics"] == reference["metrics"] and record["compute"] == reference["compute"]
+
+
+# -- a step's collectives: few, and what they carry is exact ----------------------------------------
+
+def _gather_packed_on_ranks(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from benchmarks.core.distributed import Dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        d = Dist(rank, world, rank, "gloo")
+        rows = 3 - rank  # uneven shares, as shard_of gives for 5 rows
+        g = torch.Generator().manual_seed(rank)
+        tensors = [torch.randint(0, 2**40, (rows,), generator=g), torch.randn(rows, generator=g),
+                   torch.randint(0, 10, (rows,), generator=g), torch.randn(rows, 4, generator=g).half(),
+                   torch.rand(rows, generator=g) > 0.5, torch.randn(rows, 2, 3, generator=g).double()]
+        tensors[1][0] = float("inf")
+        separate = [d.gather_rows(t) for t in tensors]
+        known = d.gather_rows_packed(tensors, d.shard_sizes(5))
+        unknown = d.gather_rows_packed([*tensors, None], None)
+        torch.save({"separate": separate, "known": known, "unknown": unknown}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_packed_gather_equals_one_gather_per_tensor_bit_for_bit(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_packed_on_ranks, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["unknown"][-1] is None
+        for separate, known, unknown in zip(got["separate"], got["known"], got["unknown"]):
+            assert len(separate) == 5
+            for packed in (known, unknown):
+                assert packed.dtype == separate.dtype and packed.shape == separate.shape
+                assert torch.equal(packed.view(torch.uint8) if packed.dtype != torch.bool else packed,
+                                   separate.view(torch.uint8) if separate.dtype != torch.bool else separate)
+
+
+def test_an_observing_step_makes_one_all_gather_and_one_all_reduce(tmp_path):
+    # tests/collective_counts.py counts torch.distributed's Python collectives per training step (DDP's
+    # gradient all-reduce is its reducer's, not counted). Before packing, a step of an observing method
+    # made 9 (two all-gathers for each of index, loss, label, logits, and the stop flag's all-reduce),
+    # 10 on a step that checked the loss for finiteness (every 25th).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "tests" / "collective_counts.py"), str(tmp_path), "run", "--protocol", "smoke",
+               "--method", "test-count-forgetting", "--out", str(tmp_path / "res"), "--wandb", "off",
+               "--set", "epochs=1", *LONG, *NO_BN]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(steps) == 93  # 94 steps of 64 (6000 examples), less the epoch's last
+        assert all(step["calls"] == {"all_gather": 1, "all_reduce": 1} for step in steps), steps

@@ -12,7 +12,9 @@ How a run is spread (benchmarks/core/train.py does it; the rules are here so the
   rank's loss is scaled so that the average is the global batch's mean loss even when the last
   batch does not split evenly.
 - Methods see the whole batch: per-example outcomes are all-gathered in rank order before `observe`,
-  so score tables, forgetting counts and error sets are identical on every rank. `select` decides per
+  so score tables, forgetting counts and error sets are identical on every rank. A step's outcomes
+  travel in one all-gather (gather_rows_packed), and its agreements (stop, non-finite loss, the
+  examples of an online selection) in one all-reduce. `select` decides per
   rank, on the rank's shard of the candidate batch (each rank keeps its share of k): the selection
   compute summed over ranks equals one process's, and with one rank it is exactly the
   single-process rule. Online selection with views is refused (the ranks' view draws would differ).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -60,6 +63,10 @@ class Dist:
     def shard(self, n: int) -> slice:
         """This rank's contiguous share of n items (sizes differ by at most one, larger first)."""
         return shard_of(n, self.rank, self.world_size)
+
+    def shard_sizes(self, n: int) -> list[int]:
+        """Every rank's number of items in its share of n, in rank order."""
+        return [len(range(n)[shard_of(n, rank, self.world_size)]) for rank in range(self.world_size)]
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is True on some rank."""
@@ -100,6 +107,44 @@ class Dist:
         dist.all_gather(pieces, padded.contiguous())
         out = torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
         return out.to(dtype) if dtype == torch.bool else out
+
+    def gather_rows_packed(self, tensors: list[torch.Tensor | None],
+                           sizes: list[int] | None = None) -> list[torch.Tensor | None]:
+        """`gather_rows` of several tensors that share their rows, in one all-gather (None stays None).
+
+        A training step's outcomes (index, loss, label, logits) would otherwise cost two all-gathers
+        each. They travel as one float64 tensor [rows, columns]: float64 holds every float16, bfloat16,
+        float32 and integer below 2^53 (indices, labels) exactly, so each comes back bit for bit in its
+        own dtype. `sizes`: every rank's row count when the caller knows them (a shard of a batch whose
+        global size is known), which saves the all-gather of the counts; otherwise it is gathered.
+        """
+        present = [t for t in tensors if t is not None]
+        rows = len(present[0])
+        if sizes is None:
+            size = torch.tensor([rows], device=present[0].device)
+            gathered = [torch.zeros_like(size) for _ in range(self.world_size)]
+            dist.all_gather(gathered, size)
+            sizes = [int(s.item()) for s in gathered]
+        if sizes[self.rank] != rows:
+            raise ValueError(f"rank {self.rank} has {rows} rows where its share is {sizes[self.rank]}")
+        flat = [t.reshape(rows, math.prod(t.shape[1:])) for t in present]  # (-1 is ambiguous with no rows)
+        packed = torch.cat([t.to(torch.float64) for t in flat], dim=1)
+        longest = max(sizes)
+        if rows < longest:
+            packed = torch.cat([packed, packed.new_zeros((longest - rows, packed.shape[1]))])
+        pieces = [torch.empty_like(packed) for _ in range(self.world_size)]
+        dist.all_gather(pieces, packed.contiguous())
+        whole = torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+        out, column = [], 0
+        for tensor in tensors:
+            if tensor is None:
+                out.append(None)
+                continue
+            width = math.prod(tensor.shape[1:])
+            part = whole[:, column:column + width].to(tensor.dtype)
+            out.append(part.reshape(len(whole), *tensor.shape[1:]))
+            column += width
+        return out
 
     def broadcast(self, obj):
         """Rank 0's object on every rank (pickled)."""

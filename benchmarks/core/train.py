@@ -303,14 +303,15 @@ class Trainer:
                 batch, selection = self._select(batch, step)
             loss = self._step(batch, step, selection)
             loss_sum += loss.detach() * len(batch.y)
-            progress.seen += self._examples_in_step(batch)
-            if (i + 1) % NAN_CHECK_EVERY == 0 and self._agreed(not torch.isfinite(loss_sum).item()):
+            examples, non_finite, stop = self._step_agreement(batch, loss_sum, (i + 1) % NAN_CHECK_EVERY == 0)
+            progress.seen += examples
+            if non_finite:
                 raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1} "
                                     f"(by step {i + 1}); lower the learning rate or check the data")
             bar.update(1)
             if ctx.progress and (i + 1) % BAR_TEXT_EVERY == 0:  # a terminal: the bar shows loss and the last evaluation
                 bar.set_postfix_str(self.bar_text(loss_sum.item() / max(progress.seen, 1)))
-            if self._agreed(STOP.is_set()) and i + 1 < steps_this_epoch:
+            if stop and i + 1 < steps_this_epoch:
                 progress.steps_done, progress.loss_sum = i + 1, self._global_sum(loss_sum.item())
                 progress.augment_rng = generator.get_state()
                 self.partial = progress
@@ -354,13 +355,21 @@ class Trainer:
             return value
         return self.dist.sum_floats([value])[0]
 
-    def _examples_in_step(self, batch: Batch) -> int:
-        """Examples the global step trained on (every rank counts the same)."""
+    def _step_agreement(self, batch: Batch, loss_sum: torch.Tensor, check_finite: bool) -> tuple[int, bool, bool]:
+        """(examples the global step trained on, non-finite loss, stop), the same on every rank.
+
+        Data parallel: a flag holds if some rank raised it, and a batch that a rank chose itself (online
+        selection) counts the ranks' shares; all three are agreed in one all-reduce per step (a flag is
+        raised when its sum over the ranks is positive). The finiteness check reads the loss (a GPU
+        sync), so it runs only when asked.
+        """
+        non_finite = check_finite and not torch.isfinite(loss_sum).item()
+        stop = STOP.is_set()
         if self.dist is None:
-            return len(batch.y)
-        if batch.total is not None:
-            return batch.total
-        return self.dist.sum([len(batch.y)])[0]  # a rank's own selection: count the ranks' shares
+            return len(batch.y), non_finite, stop
+        own_count = 0 if batch.total is not None else len(batch.y)
+        stops, non_finites, count = self.dist.sum([int(stop), int(non_finite), own_count])
+        return (batch.total if batch.total is not None else count), non_finites > 0, stops > 0
 
     def batches(self, order: torch.Tensor, batch_size: int, generator: torch.Generator,
                 weights: torch.Tensor | None = None):
@@ -442,8 +451,9 @@ class Trainer:
             index, losses_seen, y = batch.index, losses.detach(), batch.y
             logits = logits.detach() if logits is not None else None
             if self.dist is not None:  # every rank's method sees the whole global batch, in rank order
-                index, losses_seen, y = (self.dist.gather_rows(t) for t in (index, losses_seen, y))
-                logits = self.dist.gather_rows(logits) if logits is not None else None
+                # one all-gather; a shard of a batch of known size needs no gather of the ranks' row counts
+                sizes = self.dist.shard_sizes(batch.total) if batch.total is not None else None
+                index, losses_seen, y, logits = self.dist.gather_rows_packed([index, losses_seen, y, logits], sizes)
             info = StepInfo(epoch=step.epoch, step=self.state.step, index=index, loss=losses_seen,
                             correct=logits.argmax(1) == y if logits is not None else None, logits=logits)
             with meter.measure("selection", (self.tag, "observe", tuple(index.shape))):
