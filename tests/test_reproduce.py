@@ -13,7 +13,15 @@ import pytest
 from benchmarks.cli import main
 from benchmarks.core.record import write_record
 from benchmarks.errors import BenchError
-from benchmarks.tools.reproduce import changed_since, choose, compare, curve_difference, find_records, spec_of
+from benchmarks.tools.reproduce import (
+    changed_since,
+    choose,
+    compare,
+    curve_difference,
+    find_records,
+    spec_of,
+    verdict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,21 @@ def test_compare_reads_every_metric_and_the_curve():
     assert c.compute_equal
     new["compute"]["total_flops"] = 11
     assert not compare(old, new).compute_equal
+
+
+def test_metrics_only_the_rerun_records_are_listed_not_compared():
+    """A record made before the code kept per-class accuracy re-runs into one that keeps it: the metrics
+    both have decide the verdict; the new ones are listed apart. A metric the re-run lost is not comparable."""
+    old = {"run_id": "r", "metrics": {"test_acc": 0.5}, "compute": {"total_flops": 10},
+           "curve": [{"epoch": 1, "seconds": 1.0, "test_acc": 0.5}]}
+    new = copy.deepcopy(old)
+    new["metrics"]["test_class_acc"] = [0.4, 0.6]
+    new["curve"][0]["test_class_acc"] = [0.4, 0.6]
+    c = compare(old, new)
+    assert c.identical and c.added == ["test_class_acc[0]", "test_class_acc[1]"]
+    assert [row[0] for row in c.rows] == ["test_acc"] and curve_difference(old["curve"], new["curve"]) == ""
+    assert verdict(c).startswith("identical")
+    assert verdict(compare(new, old)).startswith("NOT comparable")
 
 
 def test_a_changed_protocol_is_refused_with_what_changed(smoke_record):

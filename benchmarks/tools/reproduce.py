@@ -24,7 +24,7 @@ import math
 import random
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.core.layout import ResultsLayout
@@ -142,6 +142,8 @@ class Comparison:
     rows: list[tuple[str, float | None, float | None, float | None]]  # metric, published, re-run, difference
     compute_equal: bool
     curve_difference: str  # "" when every evaluated epoch is equal
+    # Metrics only the re-run has: the code now records more (e.g. per-class accuracy); nothing to compare
+    added: list[str] = field(default_factory=list)
 
     @property
     def identical(self) -> bool:
@@ -165,13 +167,14 @@ class Comparison:
 def compare(published: dict, rerun: dict) -> Comparison:
     old, new = flat_metrics(published.get("metrics")), flat_metrics(rerun.get("metrics"))
     rows = []
-    for key in list(old) + [k for k in new if k not in old]:
-        p, n = old.get(key), new.get(key)
+    for key in old:  # every published metric; one the re-run lacks makes the two not comparable
+        p, n = old[key], new.get(key)
         rows.append((key, p, n, None if p is None or n is None else n - p))
     compute_equal = all((published.get("compute") or {}).get(k) == (rerun.get("compute") or {}).get(k)
                         for k in COMPUTE_KEYS)
     return Comparison(published, rerun, rows, compute_equal, curve_difference(published.get("curve") or [],
-                                                                                rerun.get("curve") or []))
+                                                                                rerun.get("curve") or []),
+                      added=[k for k in new if k not in old])
 
 
 def curve_difference(old: list[dict], new: list[dict]) -> str:
@@ -179,7 +182,8 @@ def curve_difference(old: list[dict], new: list[dict]) -> str:
     if len(old) != len(new):
         return f"{len(old)} epochs published, {len(new)} re-run"
     for a, b in zip(old, new):
-        keys = [k for k in sorted(set(a) | set(b)) if not (k == "seconds" or k.endswith("_seconds") or k.endswith("_s"))
+        # the published row's keys: a key only the re-run has is something this code records more of
+        keys = [k for k in sorted(a) if not (k == "seconds" or k.endswith("_seconds") or k.endswith("_s"))
                 and a.get(k) != b.get(k)]
         if keys:
             return f"first differs at epoch {a.get('epoch', '?')} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
@@ -224,6 +228,9 @@ def report(c: Comparison, tolerance: float | None = None) -> str:
         f"{k} {(p.get('compute') or {}).get(k)} -> {(r.get('compute') or {}).get(k)}" for k in COMPUTE_KEYS
         if (p.get("compute") or {}).get(k) != (r.get("compute") or {}).get(k))),
         "curve: " + (c.curve_difference or "every epoch identical (timings aside)"), ""]
+    if c.added:
+        lines.append(f"new in the re-run (this code records more; not compared): {', '.join(c.added[:6])}"
+                     + (f" and {len(c.added) - 6} more" if len(c.added) > 6 else ""))
     lines.append("verdict: " + verdict(c, tolerance))
     return "\n".join(lines) + "\n"
 
