@@ -60,14 +60,15 @@ def test_status_answers_for_a_results_folder_of_single_runs(tmp_path):
 
 def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path):
     args = [sys.executable, "-m", "benchmarks", "run", "--method", "full", "--protocol", "smoke", "--wandb", "off",
-            "--set", "epochs=3", "--set", "data_kwargs={n_train=6000, n_test=512, num_classes=4, size=8}",
+            # 12 epochs: on a loaded machine the signal may land seconds after the line; the run must still be going
+            "--set", "epochs=12", "--set", "data_kwargs={n_train=6000, n_test=512, num_classes=4, size=8}",
             "--out", str(tmp_path)]
     # No PYTHONUNBUFFERED: the CLI itself writes line by line into a pipe or a log file, so the epoch line
     # arrives while the run is under way (a block buffer would hold it until the run ended).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     for line in proc.stdout:
-        if line.startswith("[main] epoch 1/3"):
+        if line.startswith("[main] epoch 1/12"):
             break
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 from benchmarks.core.distributed import is_rank_zero
 from benchmarks.core.layout import ResultsLayout
@@ -105,6 +106,16 @@ def run_task(manifest: str, index: int, *, data_root: str | None = None, device:
     return 0
 
 
+def say_from_handler(text: str) -> None:
+    """A line from a signal handler, written straight to stdout's file descriptor: print() there can land
+    while the main thread is inside a print to the same buffered stream, and Python then raises
+    "reentrant call inside BufferedWriter" in the middle of training."""
+    try:
+        os.write(sys.stdout.fileno(), (text + "\n").encode())
+    except (OSError, ValueError):  # no file descriptor (a captured stream): the stop happens all the same
+        pass
+
+
 def request_stop_on_signals(interrupt: bool = False) -> dict:
     """SIGUSR1 (Slurm's warning) and SIGTERM stop training at the next step boundary, with a checkpoint.
 
@@ -117,8 +128,7 @@ def request_stop_on_signals(interrupt: bool = False) -> dict:
             raise KeyboardInterrupt
         if not STOP.is_set():
             again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-            print(f"received {signal.Signals(signum).name}: stopping at the next step to checkpoint{again}",
-                  flush=True)
+            say_from_handler(f"received {signal.Signals(signum).name}: stopping at the next step to checkpoint{again}")
         STOP.set()
 
     signals = (signal.SIGUSR1, signal.SIGTERM) + ((signal.SIGINT,) if interrupt else ())
