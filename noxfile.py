@@ -124,4 +124,4 @@ def perf(session: nox.Session) -> None:
     session.run(python(session), "-m", "benchmarks.tools.perf", "--out", "results/perf.json", *methods,
                 *session.posargs, external=True)
     session.run(python(session), "-m", "benchmarks.tools.greats_speed", "--out", "results/greats-speed.json",
-                external=True)
+                "--merge-into", "results/perf.json", external=True)

@@ -61,28 +61,25 @@ def examples_of(command: str, prog: str) -> str:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from benchmarks.core.models import list_models
+    from benchmarks.core import catalog  # the registries as JSON: no torch once the catalog is cached
     from benchmarks.core.protocol import available_protocols, load_protocol
-    from benchmarks.core.registry import list_methods
 
+    known = catalog.catalog()
     print("methods (kind: the protocols' task they fit):")
-    for name, cls in list_methods().items():
-        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the whole first paragraph
-        oracle = " [ORACLE: reads training group labels]" if cls.traits.reads_train_groups else ""
-        needs = ", needs a holdout" if cls.traits.needs_holdout else ""
-        print(f"  {name:<16} [{cls.traits.kind}{needs}]{oracle} {doc}")
-        for pname, param in cls.params.items():
-            print(f"      {pname:<16} {param.describe()}{': ' + param.help if param.help else ''}")
+    for name, entry in known["methods"].items():
+        oracle = " [ORACLE: reads training group labels]" if entry["reads_train_groups"] else ""
+        needs = ", needs a holdout" if entry["needs_holdout"] else ""
+        print(f"  {name:<16} [{entry['kind']}{needs}]{oracle} {entry['doc']}")
+        for pname, param in entry["params"].items():
+            print(f"      {pname:<16} {param['describe']}{': ' + param['help'] if param['help'] else ''}")
     print("protocols:")
     for name in available_protocols():
-        p = load_protocol(name)
+        p = load_protocol(name, check_values=False)  # shown, not run: tests check the built-ins' values
         selection = f", checkpoint by {p.selection_rule}" if p.selection_rule != "last-epoch" else ""
         print(f"  {name:<16} {p.dataset}, {p.model}, {p.epochs} epochs, batch {p.batch_size}, budget={p.budget}, "
               f"{p.task}, reference {p.reference}{selection}")
-    print("local models: " + ", ".join(list_models()) + " (and any timm model as timm:<name>)")
-    from benchmarks.data.registry import list_datasets
-
-    print("datasets: " + ", ".join(list_datasets()) + " (a protocol's `dataset`; plugins add more)")
+    print("local models: " + ", ".join(known["models"]) + " (and any timm model as timm:<name>)")
+    print("datasets: " + ", ".join(known["datasets"]) + " (a protocol's `dataset`; plugins add more)")
     return 0
 
 
@@ -666,7 +663,7 @@ def run_and_exit(argv: list[str] | None = None) -> NoReturn:
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     path = os.environ.get("BENCH_STATUS_FILE")
-    from benchmarks.core.distributed import end_process, is_rank_zero
+    from benchmarks.core.launch import is_rank_zero
 
     if path and is_rank_zero():  # a data-parallel run: rank 0 speaks for the task
         try:
@@ -674,6 +671,10 @@ def run_and_exit(argv: list[str] | None = None) -> NoReturn:
                 f.write(f"{code}\n")
         except OSError:
             pass  # the template falls back on wait's answer
+    if "benchmarks.core.distributed" not in sys.modules:  # nothing trained here, so no process group to leave
+        sys.exit(code)  # and a command that never needed torch does not import it only to exit
+    from benchmarks.core.distributed import end_process
+
     end_process(code)
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # Runs made by tests log nowhere but their records; the W&B tests set their own mode.
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The registry catalog (benchmarks/core/catalog.py) is cached in a folder of the test session, which it
+# removes, not in the user's ~/.cache: tests clean up what they write.
+_CATALOG_DIR = tempfile.TemporaryDirectory(prefix="bench-catalog-")
+os.environ["BENCH_CATALOG_DIR"] = _CATALOG_DIR.name
 
-from benchmarks.core.run import RunSpec, execute
+from benchmarks.core.run import RunSpec, execute  # noqa: E402 - after the environment above is set
 
 
 def quiet(*_args, **_kwargs) -> None:

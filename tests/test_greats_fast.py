@@ -196,9 +196,14 @@ def test_meter_equals_a_flop_counter_count_of_a_fast_form_run(tmp_path, params):
 def test_speed_tool_runs_tiny(tmp_path):
     from benchmarks.tools import greats_speed
 
-    out = tmp_path / "speed.json"
-    assert greats_speed.main(["--tiny", "--out", str(out)]) == 0
+    out, perf = tmp_path / "speed.json", tmp_path / "perf.json"
+    perf.write_text(json.dumps({"harness_step_over_bare": 1.01}))
+    assert greats_speed.main(["--tiny", "--out", str(out), "--merge-into", str(perf)]) == 0
     result = json.loads(out.read_text())
+    merged = json.loads(perf.read_text())  # perf.json keeps what it held and gains every form's step ratio
+    assert merged == {"harness_step_over_bare": 1.01,
+                      **{f"greats_step_over_plain/{name}/{form}": float(f"{row['step_over_plain']:.4g}")
+                         for name, setup in result["setups"].items() for form, row in setup["forms"].items()}}
     for setup in result["setups"].values():
         assert set(setup["forms"]) >= {"all", "last", "sketch"}
         for form in setup["forms"].values():

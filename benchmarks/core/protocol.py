@@ -190,7 +190,10 @@ def _check_values(p: Protocol, where: str) -> None:
         raise bad("seeds", "must be a non-empty list of integers")
 
 
-def protocol_from_dict(data: dict, where: str) -> Protocol:
+def protocol_from_dict(data: dict, where: str, *, check_values: bool = True) -> Protocol:
+    """The Protocol a TOML table describes: keys and types always checked; values (which consult the
+    dataset, model and augmentation registries, hence torch) unless `check_values=False`, for a
+    command that only shows a protocol and never runs it (`list`)."""
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise BenchError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(_FIELDS))})")
@@ -199,7 +202,8 @@ def protocol_from_dict(data: dict, where: str) -> Protocol:
         raise BenchError(f"{where}: missing key '{missing[0]}'")
     checked = {k: _check_type(k, v, where) for k, v in data.items()}
     protocol = Protocol(**checked)
-    _check_values(protocol, where)
+    if check_values:
+        _check_values(protocol, where)
     return protocol
 
 
@@ -259,9 +263,9 @@ def read_toml(path: Path) -> dict:
         raise BenchError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_protocol(name_or_path: str) -> Protocol:
+def load_protocol(name_or_path: str, *, check_values: bool = True) -> Protocol:
     path = find_toml(name_or_path, PROTOCOL_DIR, "protocol")
-    return protocol_from_dict(read_toml(path), str(path))
+    return protocol_from_dict(read_toml(path), str(path), check_values=check_values)
 
 
 def parse_value(text: str) -> Any:

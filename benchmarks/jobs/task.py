@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 
-from benchmarks.core.distributed import is_rank_zero
+from benchmarks.core.launch import is_rank_zero
 from benchmarks.core.layout import ResultsLayout
 from benchmarks.core.run import execute, write_failed_record
 from benchmarks.core.train import STOP, Preempted

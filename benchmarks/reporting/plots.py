@@ -30,6 +30,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from benchmarks.core import catalog
 from benchmarks.reporting.tables import Section, fraction_rows, pareto_front, reference_rows
 
 FORMATS = ("png", "pdf")
@@ -54,21 +55,9 @@ def _colours(labels: list[str]) -> dict[str, tuple]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
-def _param(method: str, name: str):
-    """The registered Param of a method's parameter; None for a method or parameter this checkout lacks."""
-    from benchmarks.core.registry import method_class  # imports torch: only when a plot names a setting
-    from benchmarks.errors import BenchError
-
-    try:
-        return method_class(method).params.get(name)
-    except BenchError:
-        return None
-
-
 def value_words(method: str, name: str, value) -> str:
     """`name=value`, the value in the words its Param gives it (ccs_beta=paper beta) where it gives some."""
-    param = _param(method, name)
-    words = param.reads(value) if param is not None else None
+    words = catalog.words(method, name, value)
     return f"{name}={words if words is not None else value}"
 
 

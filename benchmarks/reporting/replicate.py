@@ -30,6 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from benchmarks.core import catalog
 from benchmarks.core.record import current_records, params_label, reference_of
 from benchmarks.errors import BenchError
 
@@ -152,23 +153,19 @@ def load_papers(folder: str | Path | None = None) -> list[PaperEntry]:
 
 def resolved_label(method: str, params: dict) -> str:
     """The setting label a run made with these params has: the method's defaults filled in (when known)."""
-    from benchmarks.core.registry import resolve_params
-
     try:
-        return params_label(resolve_params(method, params))
+        return params_label(catalog.filled_params(method, params))
     except BenchError:  # a method not (yet) in the registry: compare as written
         return params_label(params)
 
 
 def _is_reference_run(record: dict) -> bool:
     """A run of its protocol's reference method at the method's defaults (full BYOL, not a budgeted BYOL)."""
-    from benchmarks.core.registry import resolve_params
-
     reference = reference_of(record)
     if record["method"] != reference:
         return False
     try:
-        return record["params"] == resolve_params(reference, {})
+        return record["params"] == catalog.filled_params(reference, {})
     except BenchError:  # a method not (yet) in the registry: every run of it
         return True
 

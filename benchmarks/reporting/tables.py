@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.core import catalog
 from benchmarks.core.record import current_records, load_records, params_label, reference_of
-from benchmarks.errors import BenchError
 
 RULE_MEANING = {"best-val-worst-group": "the evaluated epoch with the highest validation worst-group accuracy; "
                                         "every test number is that epoch's"}
@@ -349,16 +349,9 @@ class Section:
 
 
 def _method_defaults(method: str) -> tuple[dict, tuple[str, ...]] | None:
-    """A method's registered defaults and headline parameters; None for a method this checkout lacks."""
-    from benchmarks.core.registry import (
-        method_class,  # the registry imports torch; only tables of known methods need it
-    )
-
-    try:
-        cls = method_class(method)
-    except BenchError:
-        return None
-    return {name: param.default for name, param in cls.params.items()}, cls.traits.headline_params
+    """A method's registered defaults and headline parameters; None for a method this checkout lacks
+    (read from the catalog: tables start without importing torch)."""
+    return catalog.defaults(method)
 
 
 def reference_rows(runs: pd.DataFrame, reference: str) -> pd.Series:

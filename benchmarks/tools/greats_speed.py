@@ -41,6 +41,7 @@ from benchmarks.core.train import Trainer
 from benchmarks.kit.ghost import has_batchnorm
 
 METHOD = "greats"
+FAST_FORM_GOAL = 1.3  # issue 24: a fast form's step within 1.3x a plain step on the same candidates
 FORMS = {"all": {}, "last": {"products": "last"}, "sketch": {"sketch": 16},
          "last+sketch": {"products": "last", "sketch": 16}}
 # name -> protocol, overrides, plain warm-up steps, timing repeats, candidate batches for fidelity
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the smoke protocol, one repeat (a test)")
     parser.add_argument("--only", action="append", choices=sorted(SETUPS), help="measure only these setups")
     parser.add_argument("--out", default="results/greats_speed.json", help="where to write the results (JSON)")
+    parser.add_argument("--merge-into", metavar="PERF_JSON", help="also merge each form's step ratio into this "
+                        "perf.json, as greats_step_over_plain/<setup>/<form> (`nox -s perf`: results/perf.json)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     setups = TINY if args.tiny else {name: SETUPS[name] for name in (args.only or SETUPS)}
@@ -197,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"setups": results}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}")
+    if args.merge_into:
+        perf = Path(args.merge_into)
+        ratios = json.loads(perf.read_text()) if perf.exists() else {}
+        ratios.update({f"greats_step_over_plain/{name}/{form}": float(f"{row['step_over_plain']:.4g}")
+                       for name, result in results.items() for form, row in result["forms"].items()})
+        perf.parent.mkdir(parents=True, exist_ok=True)
+        perf.write_text(json.dumps(ratios, indent=1, sort_keys=True) + "\n")
+        print(f"merged the step ratios into {perf} (goal for a fast form: <= {FAST_FORM_GOAL} a plain step)")
     return 0
 
 

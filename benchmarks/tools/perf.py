@@ -16,6 +16,11 @@ The harness and the kit:
   benchmarks/kit/ghost.py ("auto") over the same products from materialised per-example gradients
   in every layer (the capture pass, the same for both, excluded). Goal <= 1.
 
+Start-up (seconds, not ratios; the "ratio" entry of results/perf.json holds the seconds):
+- status_startup_s, tables_startup_s: wall-clock of `python -m benchmarks status DIR` and `tables --runs DIR`
+  on 40 published records, with `python -c "import torch"` timed beside them (import_torch_s).
+  Goals: status <= 0.5 s, tables <= 1 s (tables imports pandas; neither imports torch).
+
 Per method, for the methods named on the command line (the perf session in noxfile.py names them;
 this module names none). Each runs through the public run path (`execute`, at the method's
 defaults), against the protocol's reference method run the same way:
@@ -68,7 +73,9 @@ GOALS = {"harness_step_over_bare": ("<=", 1.05), "pipeline_over_dataloader": (">
          "pergrad_loop_over_batched": (">=", 10.0),
          "ghost_over_materialised": ("<=", 1.0), "ghost_over_materialised_resnet18": ("<=", 1.0),
          "epoch_over_reference": ("<=", 1.02), "step_over_reference_step": ("<=", 1.3),
-         "step_over_reference_step_resnet18": ("<=", 1.3)}
+         "step_over_reference_step_resnet18": ("<=", 1.3),
+         # seconds, not ratios: a command that only reads records must not pay torch's start-up
+         "status_startup_s": ("<=", 0.5), "tables_startup_s": ("<=", 1.0)}
 FASHION = "fashion-mnist"
 TINY_BATCH = 16  # the batch size of every tiny measurement on the fashion-mnist model
 
@@ -373,7 +380,46 @@ def scoring_cost(method: str, tiny: bool = False) -> dict:
             "n_train": n_examples}
 
 
+def _startup(command: str, tiny: bool) -> dict:
+    """Wall-clock seconds of `python -m benchmarks <command>` on a results folder of published records
+    (median of alternated repeats), with `python -c "import torch"` timed beside it: what the command
+    would pay if it imported torch. The first call (not timed) may build the registry catalog."""
+    import os
+    import shutil
+    import subprocess
+
+    records = sorted((Path(__file__).resolve().parents[2] / "results" / "records").rglob("*.json"))
+    with tempfile.TemporaryDirectory() as out:
+        (Path(out) / "runs").mkdir()
+        for record in records[: 4 if tiny else 40]:
+            shutil.copy(record, Path(out) / "runs" / record.name)
+        args = {"status": ["status", out], "tables": ["tables", "--runs", out]}[command]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                          os.environ.get("PYTHONPATH")])))
+
+        def timed(argv: list[str]) -> Callable[[], float]:
+            def measure() -> float:
+                started = time.perf_counter()
+                subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=env, timeout=300)
+                return time.perf_counter() - started
+            return measure
+
+        timed(["-m", "benchmarks", *args])()  # builds the catalog where it is not cached yet
+        times = _alternate({"command": timed(["-m", "benchmarks", *args]), "torch": timed(["-c", "import torch"])},
+                           1 if tiny else 5)
+    return {"ratio": times["command"], "import_torch_s": times["torch"], "records": min(len(records), 4 if tiny else 40)}
+
+
+def status_startup_s(tiny: bool = False) -> dict:
+    return _startup("status", tiny)
+
+
+def tables_startup_s(tiny: bool = False) -> dict:
+    return _startup("tables", tiny)
+
+
 MEASUREMENTS = {"harness_step_over_bare": harness_step_over_bare,
+                "status_startup_s": status_startup_s, "tables_startup_s": tables_startup_s,
                 "pipeline_over_dataloader": pipeline_over_dataloader,
                 "pergrad_loop_over_batched": pergrad_loop_over_batched,
                 "ghost_over_materialised": ghost_over_materialised,
