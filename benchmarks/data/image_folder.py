@@ -18,6 +18,9 @@ The images stream from disk through DataLoader workers (benchmarks/data/splits.p
 decoded with PIL and converted to RGB; the transforms are ImageNet's, sized by `image_size`.
 A non-empty protocol `augment` list switches the training transform on (the loader's own, below);
 an empty one trains on the evaluation transform.
+
+`decode = "gpu"` (default "cpu"): the workers only read the files' bytes, and the batch is decoded and
+transformed on the training device (benchmarks/data/device_decode.py says why, and what differs).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.data.device_decode import DeviceTransform, EncodedFiles, decode_setting
 from benchmarks.data.sources import IMAGENET_STATS
 from benchmarks.errors import BenchError
 
@@ -34,7 +38,8 @@ NAME = "image-folder"
 # PIL-readable image files (torchvision's IMG_EXTENSIONS); anything else in a class folder is ignored.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TRAIN_CROPS = ("random-resized", "center")
-KNOWN_KWARGS = ("root", "image_size", "resize", "train_crop", "crop_scale", "flip", "mean", "std", "num_workers")
+KNOWN_KWARGS = ("root", "image_size", "resize", "train_crop", "crop_scale", "flip", "mean", "std", "num_workers",
+               "decode")
 LAYOUT = "root/train/<class>/<image>, plus root/val/<class>/... and/or root/test/<class>/..."
 
 
@@ -144,7 +149,8 @@ def options(kwargs: dict) -> dict:
     return {"root": root, "image_size": size, "resize": resize, "train_crop": crop,
             "crop_scale": (float(scale[0]), float(scale[1])), "flip": flip,
             "mean": _triple(kwargs, "mean", IMAGENET_STATS[0]), "std": _triple(kwargs, "std", IMAGENET_STATS[1]),
-            "num_workers": _number(kwargs, "num_workers", min(8, os.cpu_count() or 1), int, 0)}
+            "num_workers": _number(kwargs, "num_workers", min(8, os.cpu_count() or 1), int, 0),
+            "decode": decode_setting(kwargs, NAME)}
 
 
 def transforms(opts: dict):
@@ -176,8 +182,11 @@ def read_image_folder(roots: list[Path], kwargs: dict) -> tuple[dict, int]:
         raise _error(f"{folder} has train/ but neither val/ nor test/ (expected {LAYOUT})")
     if "test" not in listed:  # val/ alone is the test split (see the module docstring)
         listed["test"] = listed.pop("val")
-    train_tf, eval_tf = transforms(opts)
+    on_device = opts["decode"] == "gpu"
+    train_tf, eval_tf = (DeviceTransform(opts, True), DeviceTransform(opts, False)) if on_device else transforms(opts)
+    files_of = EncodedFiles if on_device else ImageFiles
     shape = (3, opts["image_size"], opts["image_size"])
-    splits = {role: StreamingSplit(ImageFiles(files, labels), labels, train_tf, eval_tf, shape, opts["num_workers"])
+    splits = {role: StreamingSplit(files_of(files, labels), labels, train_tf, eval_tf, shape, opts["num_workers"],
+                                   device_transforms=on_device)
               for role, (files, labels) in listed.items()}
     return splits, len(classes)

@@ -178,23 +178,36 @@ def make_synthetic(n_train: int = 1024, n_test: int = 512, num_classes: int = 4,
 
 
 def read_imagefolder(folder: Path, kwargs: dict):
-    """ImageNet-style tree: folder/train/<class>/<image>, folder/val/<class>/<image>."""
+    """ImageNet-style tree: folder/train/<class>/<image>, folder/val/<class>/<image>.
+
+    decode = "gpu" in kwargs: the workers read the files' bytes and the same transforms run on the
+    training device (benchmarks/data/device_decode.py).
+    """
     import torchvision
     from torchvision import transforms as T
 
+    from benchmarks.data.device_decode import DeviceTransform, decode_setting, read_encoded
     from benchmarks.data.splits import StreamingSplit
 
+    on_device = decode_setting(kwargs, "imagenet") == "gpu"
     size = int(kwargs.get("image_size", 224))
     resize = int(kwargs.get("resize", round(size * 256 / 224)))
     workers = int(kwargs.get("num_workers", min(8, os.cpu_count() or 1)))
-    normalize = T.Normalize(*IMAGENET_STATS)
-    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
+    if on_device:
+        opts = {"image_size": size, "resize": resize, "train_crop": "random-resized", "crop_scale": (0.08, 1.0),
+                "flip": True, "mean": IMAGENET_STATS[0], "std": IMAGENET_STATS[1]}
+        train_tf, eval_tf = DeviceTransform(opts, True), DeviceTransform(opts, False)
+    else:
+        normalize = T.Normalize(*IMAGENET_STATS)
+        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
     splits = []
     for name in ("train", "val"):
-        dataset = torchvision.datasets.ImageFolder(str(folder / name))
+        dataset = torchvision.datasets.ImageFolder(str(folder / name), loader=read_encoded) if on_device \
+            else torchvision.datasets.ImageFolder(str(folder / name))
         labels = torch.tensor(dataset.targets, dtype=torch.int64)
-        splits.append(StreamingSplit(dataset, labels, train_tf, eval_tf, (3, size, size), workers))
+        splits.append(StreamingSplit(dataset, labels, train_tf, eval_tf, (3, size, size), workers,
+                                     device_transforms=on_device))
     return splits
 
 

@@ -3,7 +3,9 @@
 TensorSplit: a small dataset held as uint8 tensors on the training device; augmentation (the
 registry of benchmarks/core/augment.py) runs on the device per batch, as airbench does: no per-example
 Python in the hot loop. Its batches also carry the raw images, from which a method draws views.
-StreamingSplit: a large dataset (ImageNet, Waterbirds) read from disk by a DataLoader with workers.
+StreamingSplit: a large dataset (ImageNet, Waterbirds) read from disk by a DataLoader with workers;
+with `device_transforms` the workers only read the files' bytes and the transforms decode and
+augment the batch on the training device (data_kwargs decode = "gpu", benchmarks/data/device_decode.py).
 
 Group labels (Waterbirds, spurious-fashion): a split may carry `groups` [N] (int64, CPU). The
 training split's groups are HIDDEN from every method that does not declare `reads_train_groups`
@@ -23,6 +25,7 @@ import torch
 from benchmarks.api import Batch
 from benchmarks.core.augment import Views, apply_pipeline
 from benchmarks.core.distributed import shard_of
+from benchmarks.data.device_decode import collate_encoded
 
 
 class GroupLabelsHidden(RuntimeError):
@@ -143,17 +146,23 @@ class _Indexed(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, label = self.dataset[i]
-        return self.transform(image), label, i
+        return (self.transform(image) if self.transform is not None else image), label, i
 
 
 class StreamingSplit(_GroupLabels):
-    """A split read from disk: `dataset[i]` returns (PIL image, label); transforms run in workers."""
+    """A split read from disk: `dataset[i]` returns (PIL image, label); transforms run in workers.
+
+    With `device_transforms`, `dataset[i]` returns (the file's bytes, label) and the transforms are
+    benchmarks.data.device_decode.DeviceTransform: called in this process on a batch's bytes, they
+    decode and transform it on the split's device.
+    """
 
     streaming = True
 
     def __init__(self, dataset, labels: torch.Tensor, train_transform, eval_transform, input_shape: tuple,
-                 num_workers: int, groups: torch.Tensor | None = None):
+                 num_workers: int, groups: torch.Tensor | None = None, device_transforms: bool = False):
         self.dataset = dataset
+        self.device_transforms = device_transforms
         self.labels = labels.long().cpu()
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.input_shape = input_shape
@@ -174,7 +183,7 @@ class StreamingSplit(_GroupLabels):
         groups = self._groups[indices] if self._groups is not None else None
         split = StreamingSplit(torch.utils.data.Subset(self.dataset, indices.tolist()), self.labels[indices],
                                self.train_transform, self.eval_transform, self.input_shape,
-                               self.num_workers, groups)
+                               self.num_workers, groups, self.device_transforms)
         return self._keep_hidden(split.to(self.device))
 
     def batches(self, order: torch.Tensor, batch_size: int, *, augment: list = (),
@@ -183,19 +192,30 @@ class StreamingSplit(_GroupLabels):
         """Batches read by workers; `augment` non-empty picks the training transform (the loader's own).
 
         With `shard` = (rank, world_size) this rank's workers read only its share of each batch (their
-        random transforms are the loader's own, so they differ from one process's).
+        random transforms are the loader's own, so they differ from one process's; with
+        device_transforms, each image's draws follow its position in `order`, so they are one process's).
         """
         transform = self.train_transform if augment else self.eval_transform
         steps = [(start, min(start + batch_size, len(order))) for start in range(0, len(order), batch_size)]
         parts = [shard_of(end - start, *shard) if shard else slice(0, end - start) for start, end in steps]
+        if self.device_transforms:
+            # The one draw the DataLoader would make for its workers' seeds (the workers draw nothing
+            # here): it seeds each image's crop and flip, and the generator advances as on the PIL path.
+            seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+            loader_generator, collate = torch.Generator(), collate_encoded
+        else:
+            loader_generator, collate = generator, None
         loader = torch.utils.data.DataLoader(
-            _Indexed(self.dataset, transform), batch_sampler=[order[start:end][part].tolist()
-                                                              for (start, end), part in zip(steps, parts)],
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda", generator=generator,
-            persistent_workers=False)
+            _Indexed(self.dataset, None if self.device_transforms else transform),
+            batch_sampler=[order[start:end][part].tolist() for (start, end), part in zip(steps, parts)],
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda", generator=loader_generator,
+            persistent_workers=False, collate_fn=collate)
         weights_dev = weights.to(self.device) if weights is not None else None
         groups = self._groups if self.groups_visible else None
         for ((start, end), part), (x, y, index) in zip(zip(steps, parts), loader):
+            if self.device_transforms:
+                first = start + part.start
+                x = transform(x, self.device, [(seed + first + j) % 2**63 for j in range(len(x))])
             weight = weights_dev[start:end][part] if weights_dev is not None else None
             yield Batch(x=x.to(self.device, non_blocking=True), y=y.to(self.device, non_blocking=True),
                         index=index.to(self.device), weight=weight, shard=part if shard else None,

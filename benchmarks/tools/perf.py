@@ -7,6 +7,15 @@ The harness and the kit:
 - pipeline_over_dataloader: the harness's input pipeline (the trainer's batches: uint8 tensors,
   batched crop + flip on the device) over torchvision's DataLoader with PIL transforms (2 workers),
   images per second. Goal >= 3.
+- imagenet_loader_images_per_core: ImageNet-like JPEGs (500x375 and 375x500, about 120 KB at
+  quality 90; benchmarks/tools/imagenet_like.py) through the streaming training loader (StreamingSplit
+  of the image-folder dataset: RandomResizedCrop 224 + flip + ToTensor + Normalize in 1, then 2
+  workers) over a plain torchvision ImageFolder DataLoader with the same transforms and workers,
+  images/s per worker-core at 1 worker. Goal >= 0.95 (not slower than the plain loader). Also
+  reported: both per core at 2 workers (where there are 2 cores), decode = "gpu"'s images/s on this
+  machine's device (on a machine without CUDA a CPU figure: one main-process thread decodes, one
+  worker reads), and cores_per_gpu_at_2500_img_s = 2500 / the streaming loader's images/s per core,
+  the cores a ResNet-50 at 2,500 images/s needs on the CPU path.
 - pergrad_loop_over_batched: per-example gradient norms (all parameters) by a Python loop of
   single-example gradients over benchmarks.kit.pergrad's batched norms, same 256 examples.
   Goal >= 10 (a GPU goal: on 2 CPU cores the batched forward/backward alone costs about what the
@@ -70,6 +79,7 @@ from benchmarks.core.train import Trainer
 from benchmarks.errors import BenchError
 
 GOALS = {"harness_step_over_bare": ("<=", 1.05), "pipeline_over_dataloader": (">=", 3.0),
+         "imagenet_loader_images_per_core": (">=", 0.95),
          "pergrad_loop_over_batched": (">=", 10.0),
          "ghost_over_materialised": ("<=", 1.0), "ghost_over_materialised_resnet18": ("<=", 1.0),
          "epoch_over_reference": ("<=", 1.02), "step_over_reference_step": ("<=", 1.3),
@@ -206,6 +216,87 @@ def pipeline_over_dataloader(tiny: bool = False) -> dict:
     medians = _alternate({"harness": harness, "dataloader": dataloader}, repeats)
     return {"ratio": medians["harness"] / medians["dataloader"], "harness_images_per_s": medians["harness"],
             "dataloader_images_per_s": medians["dataloader"]}
+
+
+GPU_IMAGES_PER_S = 2500  # a ResNet-50's training throughput on one modern GPU (mixed precision)
+
+
+def imagenet_loader_images_per_core(tiny: bool = False) -> dict:
+    """Images/s per worker-core of the streaming loader and of a plain ImageFolder DataLoader.
+
+    Both read the same JPEGs with the same training transform and the same number of workers, and
+    move each batch to the device; each pass is one epoch of N images in a fresh loader (its
+    workers' start included, as every epoch of a run pays it). The main process keeps one thread, so
+    that decode = "gpu" on a machine without CUDA is a one-core figure.
+    """
+    import os
+
+    import torchvision
+
+    from benchmarks.data import load_data
+    from benchmarks.data.image_folder import options, transforms
+    from benchmarks.tools.imagenet_like import write_image_folder
+
+    n_images, batch_size, repeats = (8, 4, 1) if tiny else (1024, 64, 3)
+    worker_counts = [1] if tiny or (os.cpu_count() or 1) < 2 else [1, 2]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def timed(epoch: Callable[[], None]) -> float:
+        started = time.perf_counter()
+        epoch()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n_images / (time.perf_counter() - started)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            written = write_image_folder(Path(root), {"train": n_images, "val": 4})
+            kilobytes = statistics.mean(path.stat().st_size for path in written["train"]) / 1000
+            settings = {"root": root, "image_size": 224}
+            train_transform, _ = transforms(options(settings))
+            plain = torchvision.datasets.ImageFolder(str(Path(root) / "train"), transform=train_transform)
+
+            def streaming(workers: int, decode: str = "cpu") -> Callable[[], float]:
+                split = load_data("image-folder", None, {**settings, "num_workers": workers, "decode": decode})
+                split = split.train.to(device)
+
+                def epoch() -> None:
+                    generator = torch.Generator().manual_seed(0)
+                    order = torch.randperm(n_images, generator=generator)
+                    for batch in split.batches(order, batch_size, augment=["crop", "flip"], generator=generator):
+                        batch.x.sum()
+                return lambda: timed(epoch)
+
+            def image_folder(workers: int) -> Callable[[], float]:
+                def epoch() -> None:
+                    loader = torch.utils.data.DataLoader(plain, batch_size=batch_size, shuffle=True,
+                                                         num_workers=workers, pin_memory=device.type == "cuda")
+                    for x, y in loader:
+                        x.to(device, non_blocking=True).sum()
+                        y.to(device, non_blocking=True)
+                return lambda: timed(epoch)
+
+            contenders = {}
+            for workers in worker_counts:
+                contenders[f"streaming_{workers}"] = streaming(workers)
+                contenders[f"image_folder_{workers}"] = image_folder(workers)
+            contenders["decode_gpu"] = streaming(1, "gpu")
+            medians = _alternate(contenders, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    per_core = {name: medians[name] / int(name.rsplit("_", 1)[1]) for name in medians if name != "decode_gpu"}
+    detail = {"ratio": per_core["streaming_1"] / per_core["image_folder_1"],
+              "streaming_images_per_s_per_core": per_core["streaming_1"],
+              "image_folder_images_per_s_per_core": per_core["image_folder_1"]}
+    if 2 in worker_counts:
+        detail.update(streaming_images_per_s_per_core_at_2_workers=per_core["streaming_2"],
+                      image_folder_images_per_s_per_core_at_2_workers=per_core["image_folder_2"])
+    detail[f"decode_gpu_on_{device.type}_images_per_s"] = medians["decode_gpu"]
+    detail.update(cores_per_gpu_at_2500_img_s=GPU_IMAGES_PER_S / per_core["streaming_1"], jpeg_kb=kilobytes,
+                  images=n_images)
+    return detail
 
 
 # -- the kit ---------------------------------------------------------------------------------------
@@ -421,6 +512,7 @@ def tables_startup_s(tiny: bool = False) -> dict:
 MEASUREMENTS = {"harness_step_over_bare": harness_step_over_bare,
                 "status_startup_s": status_startup_s, "tables_startup_s": tables_startup_s,
                 "pipeline_over_dataloader": pipeline_over_dataloader,
+                "imagenet_loader_images_per_core": imagenet_loader_images_per_core,
                 "pergrad_loop_over_batched": pergrad_loop_over_batched,
                 "ghost_over_materialised": ghost_over_materialised,
                 "ghost_over_materialised_resnet18": ghost_over_materialised_resnet18}
