@@ -67,19 +67,6 @@ def read_encoded(path: str | Path) -> torch.Tensor:
         return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
 
-class EncodedFiles(torch.utils.data.Dataset):
-    """`dataset[i]` = (the i-th file's bytes, its label): decode = "gpu"'s counterpart of ImageFiles."""
-
-    def __init__(self, files: list[Path], labels: torch.Tensor):
-        self.files, self.labels = [str(f) for f in files], labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        return read_encoded(self.files[i]), self.labels[i]
-
-
 def collate_encoded(items: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(files' bytes, label, index) items -> (the bytes as a list: their lengths differ, labels, indices)."""
     return ([item[0] for item in items], torch.tensor([item[1] for item in items], dtype=torch.int64),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.data.device_decode import DeviceTransform, EncodedFiles, decode_setting
+from benchmarks.data.device_decode import DeviceTransform, decode_setting, read_encoded
 from benchmarks.data.sources import IMAGENET_STATS
 from benchmarks.errors import BenchError
 
@@ -89,20 +89,26 @@ def list_split(split: Path, classes: list[str]) -> tuple[list[Path], torch.Tenso
     return files, torch.tensor(labels, dtype=torch.int64)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """`dataset[i]` = (the i-th image as an RGB PIL image, its label)."""
+def read_rgb(path: str):
+    """A file as an RGB PIL image (decode = "cpu": the workers decode)."""
+    from PIL import Image
 
-    def __init__(self, files: list[Path], labels: torch.Tensor):
-        self.files, self.labels = [str(f) for f in files], labels.tolist()
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """`dataset[i]` = (read(the i-th file), its label): an RGB PIL image by default, or the file's bytes
+    with read = device_decode.read_encoded (decode = "gpu": the training device decodes)."""
+
+    def __init__(self, files: list[Path], labels: torch.Tensor, read=read_rgb):
+        self.files, self.labels, self.read = [str(f) for f in files], labels.tolist(), read
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as image:
-            return image.convert("RGB"), self.labels[i]
+        return self.read(self.files[i]), self.labels[i]
 
 
 def _number(kwargs: dict, key: str, default, kind: type, low: float):
@@ -184,9 +190,9 @@ def read_image_folder(roots: list[Path], kwargs: dict) -> tuple[dict, int]:
         listed["test"] = listed.pop("val")
     on_device = opts["decode"] == "gpu"
     train_tf, eval_tf = (DeviceTransform(opts, True), DeviceTransform(opts, False)) if on_device else transforms(opts)
-    files_of = EncodedFiles if on_device else ImageFiles
     shape = (3, opts["image_size"], opts["image_size"])
-    splits = {role: StreamingSplit(files_of(files, labels), labels, train_tf, eval_tf, shape, opts["num_workers"],
+    read = read_encoded if on_device else read_rgb
+    splits = {role: StreamingSplit(ImageFiles(files, labels, read), labels, train_tf, eval_tf, shape, opts["num_workers"],
                                    device_transforms=on_device)
               for role, (files, labels) in listed.items()}
     return splits, len(classes)
