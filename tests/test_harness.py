@@ -267,8 +267,8 @@ def test_cli_run_list_and_tables(tmp_path):
 def test_a_cpu_run_flushes_subnormal_floats():
     """Subnormals slow x86 CPUs 10-100x (strong weight decay drives dead channels through them): a CPU
     run's context flushes them to zero."""
+    torch.set_flush_denormal(False)  # an earlier test's run may have set it: made under it, tiny would be 0
     tiny = torch.tensor([1e-39], dtype=torch.float32)
-    torch.set_flush_denormal(False)
     try:
         assert (tiny * 1.0).item() != 0.0  # the control: without the flag the subnormal survives
         build_context(load_protocol("smoke"), 0, device="cpu")
