@@ -39,6 +39,7 @@ from benchmarks.core.registry import create_method
 from benchmarks.core.run import build_context
 from benchmarks.core.train import Trainer
 from benchmarks.kit.ghost import has_batchnorm
+from benchmarks.tools.perf import alternate
 
 METHOD = "greats"
 FAST_FORM_GOAL = 1.3  # issue 24: a fast form's step within 1.3x a plain step on the same candidates
@@ -64,14 +65,6 @@ def _timed(fn: Callable[[], object], device: torch.device) -> Callable[[], float
             torch.cuda.synchronize()
         return time.perf_counter() - started
     return measure
-
-
-def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    samples = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, measure in contenders.items():
-            samples[name].append(measure())
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _warm_model(ctx, steps: int) -> torch.nn.Module:
@@ -144,7 +137,7 @@ def measure_setup(name: str, protocol: str, overrides: dict, warm_steps: int, re
     log(f"{name}: timing {repeats} alternated repeats ...")
     contenders = {"plain": _timed(plain_step, ctx.device)}
     contenders.update({form: _timed(greats_step(form), ctx.device) for form in FORMS})
-    medians = _alternate(contenders, repeats)
+    medians = alternate(contenders, repeats)
 
     # The breakdown of one exact step, on a fresh copy of the warm model (no optimiser step in between).
     exact, model = create_method(METHOD), copy.deepcopy(warm)
@@ -158,7 +151,7 @@ def measure_setup(name: str, protocol: str, overrides: dict, warm_steps: int, re
     breakdown_flops["train_step_k"] = count_flops(lambda: train_k._step(kept, step))[0]
     timers = {piece: _timed(fn, ctx.device) for piece, fn in pieces.items()}
     timers["train_step_k"] = _timed(lambda: train_k._step(kept, step), ctx.device)
-    breakdown_seconds = _alternate(timers, repeats)
+    breakdown_seconds = alternate(timers, repeats)
     plain_k = breakdown_flops["train_step_k"]
     greats_exact = flops["all"]
     breakdown = {

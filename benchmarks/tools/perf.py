@@ -94,7 +94,7 @@ def quiet(*_args, **_kwargs) -> None:
     pass
 
 
-def _alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+def alternate(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Median of each contender's measurement, measured in alternation."""
     samples = {name: [] for name in contenders}
     for _ in range(repeats):
@@ -171,7 +171,7 @@ def harness_step_over_bare(tiny: bool = False) -> dict:
             optimizer.step()
         return (time.perf_counter() - started) / steps
 
-    medians = _alternate({"harness": harness, "bare": bare}, repeats)  # the first pair warms up too
+    medians = alternate({"harness": harness, "bare": bare}, repeats)  # the first pair warms up too
     return {"ratio": medians["harness"] / medians["bare"], "harness_step_ms": 1000 * medians["harness"],
             "bare_step_ms": 1000 * medians["bare"]}
 
@@ -213,7 +213,7 @@ def pipeline_over_dataloader(tiny: bool = False) -> dict:
             x.sum()
         return len(split) / (time.perf_counter() - started)
 
-    medians = _alternate({"harness": harness, "dataloader": dataloader}, repeats)
+    medians = alternate({"harness": harness, "dataloader": dataloader}, repeats)
     return {"ratio": medians["harness"] / medians["dataloader"], "harness_images_per_s": medians["harness"],
             "dataloader_images_per_s": medians["dataloader"]}
 
@@ -283,7 +283,7 @@ def imagenet_loader_images_per_core(tiny: bool = False) -> dict:
                 contenders[f"streaming_{workers}"] = streaming(workers)
                 contenders[f"image_folder_{workers}"] = image_folder(workers)
             contenders["decode_gpu"] = streaming(1, "gpu")
-            medians = _alternate(contenders, repeats)
+            medians = alternate(contenders, repeats)
     finally:
         torch.set_num_threads(previous)
     per_core = {name: medians[name] / int(name.rsplit("_", 1)[1]) for name in medians if name != "decode_gpu"}
@@ -338,7 +338,7 @@ def pergrad_loop_over_batched(tiny: bool = False, threads: int | None = 1) -> di
     try:
         batched()  # one warm-up call each, outside the timing
         loop()
-        medians = _alternate({"loop": loop, "batched": batched}, repeats)
+        medians = alternate({"loop": loop, "batched": batched}, repeats)
     finally:
         torch.set_num_threads(previous)
     return {"ratio": medians["loop"] / medians["batched"], "loop_s": medians["loop"],
@@ -366,7 +366,7 @@ def _ghost_ratio(setup: tuple[str, dict], repeats: int) -> dict:
         return measure
 
     _, used = gram(captured, "auto")  # warm-up
-    medians = _alternate({"auto": products("auto"), "materialise": products("materialise")}, repeats)
+    medians = alternate({"auto": products("auto"), "materialise": products("materialise")}, repeats)
     return {"ratio": medians["auto"] / medians["materialise"], "auto_ms": 1000 * medians["auto"],
             "materialised_ms": 1000 * medians["materialise"], "ghost_weights": used["ghost"],
             "materialised_weights": used["materialise"], "candidates": b}
@@ -414,7 +414,7 @@ def epoch_over_reference(method: str, tiny: bool = False) -> dict:
         def reference_run() -> float:  # after a method run: the size it visited is known
             return seconds_per_example(_run(setup, reference, out, train_subset=visited["examples"]))
 
-        medians = _alternate({"method": method_run, "reference": reference_run}, repeats)
+        medians = alternate({"method": method_run, "reference": reference_run}, repeats)
     return {"ratio": medians["method"] / medians["reference"], "visited_share": visited["examples"] / n_examples,
             "method_us_per_example": 1e6 * medians["method"],
             "reference_us_per_example": 1e6 * medians["reference"]}
@@ -443,7 +443,7 @@ def _step_ratio(method: str, setup: tuple[str, dict], epochs: int, repeats: int)
         def reference_run() -> float:  # after a method run: its candidate batch size is known
             return per_step(_run(setup, reference, out, batch_size=shape["candidates"]), "reference")
 
-        medians = _alternate({"method": method_run, "reference": reference_run}, repeats)
+        medians = alternate({"method": method_run, "reference": reference_run}, repeats)
     return {"ratio": medians["method"] / medians["reference"], "method_step_ms": 1000 * medians["method"],
             "reference_step_ms": 1000 * medians["reference"],
             "flops_ratio": statistics.median(flops["method"]) / statistics.median(flops["reference"]),
@@ -496,7 +496,7 @@ def _startup(command: str, tiny: bool) -> dict:
             return measure
 
         timed(["-m", "benchmarks", *args])()  # builds the catalog where it is not cached yet
-        times = _alternate({"command": timed(["-m", "benchmarks", *args]), "torch": timed(["-c", "import torch"])},
+        times = alternate({"command": timed(["-m", "benchmarks", *args]), "torch": timed(["-c", "import torch"])},
                            1 if tiny else 5)
     return {"ratio": times["command"], "import_torch_s": times["torch"], "records": min(len(records), 4 if tiny else 40)}
 
